@@ -1,0 +1,467 @@
+"""The llama.cpp backend: the only module that imports `llama_cpp` (its low-level C API).
+
+Sequence ids and the KV cache, as used here:
+- seq 0 is the committed text. Positions 0..n_past-1 of seq 0 hold the prompt and every accepted token.
+- A tree is decoded in ONE `llama_decode` call. Each leaf gets its own sequence id (1..L); each node carries the
+  ids of all leaves below it, and the committed prefix is shared into every leaf sequence first. llama.cpp masks a
+  token to the cells sharing its sequence, so a node sees the prefix and its own ancestors, nothing else.
+  The KV cache must be unified (`kv_unified=True`) for one cell to belong to several sequences.
+- `commit(node)` adds seq 0 to the cells of the root-to-node path and drops the leaf sequences.
+
+Exactness. Attention sums over the visible KV cells in cell order, and the Q8 activation quantization of a
+4-bit model turns a last-bit difference into logit differences of ~0.5. So a token must see exactly the cells
+plain decoding would show it, in the same order:
+- Flash attention is on. On this CPU build, with it off, a token decoded alone and the same token inside a
+  batch gave different logits (the matmul path depends on the batch); with it on they are bit-identical.
+  A Backend built without flash attention refuses trees (`tests/test_backend.py`).
+- A call with 64 or more tokens takes another attention path on this CPU build, whose results differ from
+  single-token decoding; so trees have at most EXACT_BATCH (63) nodes and hidden-state extraction feeds at most
+  63 tokens per call. Prompt prefill may use bigger chunks: plain and Medusa decoding share it.
+- Cells of seq 0 stay in position order. A discarded node whose cell lies BEFORE a kept one is not freed: a
+  later token would reuse that hole and be visited before an older token (DESIGN.md's flash-attention trap).
+  Such cells move to the trash sequence, which no token attends to. Discarded cells after the last kept one
+  are freed. When the trash fills the slack cells, `_compact` rewrites seq 0 contiguously through llama.cpp's
+  sequence state save/restore (a memory copy, no decode).
+
+Every decode returns, per output row, the logits and the final hidden state (post final norm, the vector the
+lm_head multiplies): `embeddings=True` with `pooling_type=NONE`.
+"""
+from __future__ import annotations
+
+import ctypes
+import logging
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+import llama_cpp as lc
+
+from .models import GGUFInfo, inspect_gguf, resolve_model_path
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+N_SEQ_MAX = 64  # seq 0: committed text; 1..62: tree leaves; 63: trash
+TRASH_SEQ = N_SEQ_MAX - 1
+MAX_TREE_LEAVES = N_SEQ_MAX - 2
+EXACT_BATCH = 63  # largest call whose outputs equal single-token decoding bit for bit (measured, see above)
+DEFAULT_N_BATCH = 512
+
+
+class BackendError(RuntimeError):
+    """llama.cpp refused an operation; the message says which and why."""
+
+
+class ContextLengthError(BackendError, ValueError):
+    """Tokens would not fit the context window; the message names both sizes."""
+
+
+# llama.cpp speaks through a log callback, not return codes; keep its recent lines to explain failures.
+_LLAMA_LOG: deque[str] = deque(maxlen=50)
+
+
+@lc.llama_log_callback
+def _log_callback(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+    line = text.decode("utf-8", errors="replace").rstrip()
+    if line:
+        _LLAMA_LOG.append(line)
+        log.debug("llama.cpp: %s", line)
+
+
+lc.llama_log_set(_log_callback, ctypes.c_void_p(0))
+
+
+def _recent_llama_errors() -> str:
+    lines = [ln for ln in _LLAMA_LOG if "error" in ln.lower() or "failed" in ln.lower()]
+    return "; ".join(lines[-3:]) or "no details in the llama.cpp log"
+
+
+@dataclass(frozen=True)
+class DecodeOutput:
+    """Per-node results of one decode call."""
+
+    logits: np.ndarray  # [n, n_vocab] float32
+    hidden: np.ndarray  # [n, n_embd] float32, post-final-norm state the lm_head consumes
+
+
+@dataclass(frozen=True)
+class _PendingTree:
+    parents: tuple[int, ...]
+    depths: tuple[int, ...]
+    leaf_seq: tuple[int, ...]  # for each node, one leaf sequence whose path runs through it
+    n_leaves: int
+
+
+def tree_depths(parents: Sequence[int]) -> list[int]:
+    """Depth of each node (0 for a root). Parents must come before their children."""
+    depths: list[int] = []
+    for i, p in enumerate(parents):
+        if not -1 <= p < i:
+            raise ValueError(f"parent of node {i} is {p}; it must be -1 (root) or an earlier node")
+        depths.append(0 if p < 0 else depths[p] + 1)
+    return depths
+
+
+def path_to(parents: Sequence[int], node: int) -> list[int]:
+    """Node indices from the root down to `node`, inclusive."""
+    path = []
+    while node >= 0:
+        path.append(node)
+        node = parents[node]
+    return path[::-1]
+
+
+class Backend:
+    """One llama.cpp model and context. Not thread-safe: use one Backend per thread."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        n_batch: int = DEFAULT_N_BATCH,
+        flash_attn: bool = True,
+    ) -> None:
+        self._model = self._ctx = self._batch = None  # close() may run after a failed __init__
+        self.settings = settings
+        self.model_path: Path = resolve_model_path(settings.base_model_path)
+        self.info: GGUFInfo = inspect_gguf(self.model_path)
+        self.n_batch = n_batch
+        self.n_seq_max = N_SEQ_MAX
+        self.flash_attn = flash_attn
+        self._load_model()
+        self._new_context()
+        self.n_past = 0
+        self._tree: _PendingTree | None = None
+        log.info(
+            "loaded %s (%s, %.1f MB, vocab %d, width %d, %d layers) n_ctx=%d threads=%s gpu_layers=%d",
+            self.model_path, self.info.architecture, self.info.size_bytes / 1e6, self.n_vocab, self.n_embd,
+            self.n_layer, self.n_ctx, settings.n_threads or "auto", settings.n_gpu_layers,
+        )
+
+    # -- loading ---------------------------------------------------------------------------------------------
+
+    def _load_model(self) -> None:
+        params = lc.llama_model_default_params()
+        params.n_gpu_layers = self.settings.n_gpu_layers if self.settings.n_gpu_layers >= 0 else 2**31 - 1
+        params.use_mmap = self.settings.use_mmap
+        params.use_mlock = self.settings.use_mlock
+        params.use_extra_bufts = False
+        self._model = lc.llama_model_load_from_file(str(self.model_path).encode(), params)
+        if not self._model:
+            raise BackendError(f"llama.cpp could not load {self.model_path}: {_recent_llama_errors()}")
+        self._vocab = lc.llama_model_get_vocab(self._model)
+        self.n_vocab = lc.llama_vocab_n_tokens(self._vocab)
+        self.n_embd = lc.llama_model_n_embd(self._model)
+        self.n_layer = lc.llama_model_n_layer(self._model)
+        self.n_ctx_train = lc.llama_model_n_ctx_train(self._model)
+
+    def _new_context(self) -> None:
+        params = lc.llama_context_default_params()
+        # The user-visible window is settings.n_ctx; the slack cells hold trash until the next compaction.
+        params.n_ctx = self.settings.n_ctx + max(128, self.settings.n_ctx // 8)
+        params.n_batch = self.n_batch
+        params.n_ubatch = self.n_batch
+        params.n_seq_max = self.n_seq_max
+        params.kv_unified = True
+        params.embeddings = True
+        params.pooling_type = lc.LLAMA_POOLING_TYPE_NONE
+        params.flash_attn_type = (
+            lc.LLAMA_FLASH_ATTN_TYPE_ENABLED if self.flash_attn else lc.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        )
+        if self.settings.n_threads:
+            params.n_threads = params.n_threads_batch = self.settings.n_threads
+        params.no_perf = True
+        self._ctx = lc.llama_init_from_model(self._model, params)
+        if not self._ctx:
+            raise BackendError(f"llama.cpp could not create a context for {self.model_path}: {_recent_llama_errors()}")
+        self._mem = lc.llama_get_memory(self._ctx)
+        self.n_ctx = self.settings.n_ctx
+        self._n_cells = lc.llama_n_ctx(self._ctx)
+        self._trash = 0  # cells held by TRASH_SEQ
+        self.compactions = 0
+        self._batch = lc.llama_batch_init(self.n_batch, 0, self.n_seq_max)
+
+    def close(self) -> None:
+        if self._batch is not None:
+            lc.llama_batch_free(self._batch)
+            self._batch = None
+        if self._ctx:
+            lc.llama_free(self._ctx)
+            self._ctx = None
+        if self._model:
+            lc.llama_model_free(self._model)
+            self._model = None
+
+    def __enter__(self) -> "Backend":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self.close()
+
+    # -- text ------------------------------------------------------------------------------------------------
+
+    def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = True) -> list[int]:
+        data = text.encode("utf-8")
+        cap = len(data) + 16
+        buf = (lc.llama_token * cap)()
+        n = lc.llama_tokenize(self._vocab, data, len(data), buf, cap, add_special, parse_special)
+        if n < 0:
+            cap = -n
+            buf = (lc.llama_token * cap)()
+            n = lc.llama_tokenize(self._vocab, data, len(data), buf, cap, add_special, parse_special)
+        if n < 0:
+            raise BackendError(f"tokenization failed for a text of {len(data)} bytes")
+        return list(buf[:n])
+
+    def token_bytes(self, token: int, *, special: bool = False) -> bytes:
+        """The raw bytes of one token; a multi-byte character may span several tokens."""
+        buf = ctypes.create_string_buffer(64)
+        n = lc.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, special)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = lc.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, special)
+        return buf.raw[:n]
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        return b"".join(self.token_bytes(t) for t in tokens).decode("utf-8", errors="replace")
+
+    def is_eog(self, token: int) -> bool:
+        """End of generation: EOS, EOT and the like."""
+        return bool(lc.llama_vocab_is_eog(self._vocab, token))
+
+    def apply_chat_template(self, messages: Sequence[dict[str, str]], *, add_generation_prompt: bool = True) -> str:
+        """Render chat messages with the template stored in the GGUF file."""
+        tmpl = lc.llama_model_chat_template(self._model, None)
+        if not tmpl:
+            raise BackendError(f"{self.model_path} has no chat template; send a plain prompt instead")
+        encoded = [(m["role"].encode(), m["content"].encode()) for m in messages]
+        chat = (lc.llama_chat_message * len(encoded))(*[lc.llama_chat_message(r, c) for r, c in encoded])
+        cap = 2 * sum(len(r) + len(c) for r, c in encoded) + 256
+        for _ in range(2):
+            buf = ctypes.create_string_buffer(cap)
+            n = lc.llama_chat_apply_template(tmpl, chat, len(encoded), add_generation_prompt, buf, cap)
+            if n < 0:
+                raise BackendError(f"llama.cpp does not support the chat template of {self.model_path}")
+            if n <= cap:
+                return buf.raw[:n].decode("utf-8")
+            cap = n
+        raise BackendError("chat template output kept growing")  # unreachable in practice
+
+    # -- decoding --------------------------------------------------------------------------------------------
+
+    def _fill_batch(self, tokens: Sequence[int], positions: Sequence[int], seq_sets: Sequence[Sequence[int]]) -> None:
+        b = self._batch
+        for i, (tok, pos, seqs) in enumerate(zip(tokens, positions, seq_sets)):
+            b.token[i] = tok
+            b.pos[i] = pos
+            b.n_seq_id[i] = len(seqs)
+            for j, s in enumerate(seqs):
+                b.seq_id[i][j] = s
+            b.logits[i] = True
+        b.n_tokens = len(tokens)
+
+    def _decode(self, n: int, *, want_logits: bool = True) -> DecodeOutput:
+        rc = lc.llama_decode(self._ctx, self._batch)
+        if rc != 0:
+            if rc == 1:
+                raise ContextLengthError(f"no room in the KV cache (n_ctx={self.n_ctx}) for {n} more tokens")
+            raise BackendError(f"llama_decode failed with code {rc}: {_recent_llama_errors()}")
+        logits = (
+            np.ctypeslib.as_array(lc.llama_get_logits(self._ctx), shape=(n, self.n_vocab)).copy()
+            if want_logits
+            else np.empty((n, 0), dtype=np.float32)
+        )
+        hidden = np.ctypeslib.as_array(lc.llama_get_embeddings(self._ctx), shape=(n, self.n_embd)).copy()
+        return DecodeOutput(logits=logits, hidden=hidden)
+
+    def _make_room(self, n_new: int, n_cells: int) -> None:
+        """Check the user-visible window for `n_new` positions; compact if `n_cells` cells would not fit."""
+        if self.n_past + n_new > self.n_ctx:
+            raise ContextLengthError(
+                f"{self.n_past} tokens in context + {n_new} new = {self.n_past + n_new} exceeds n_ctx={self.n_ctx} "
+                f"(raise N_CTX, up to the model's training context {self.n_ctx_train})"
+            )
+        if self.n_past + self._trash + n_cells > self._n_cells:
+            self._compact()
+
+    def _compact(self) -> None:
+        """Drop the trash: save seq 0, clear the cache, restore seq 0 into contiguous cells (order kept)."""
+        size = lc.llama_state_seq_get_size(self._ctx, 0)
+        buf = (ctypes.c_uint8 * size)()
+        written = lc.llama_state_seq_get_data(self._ctx, buf, size, 0)
+        lc.llama_memory_clear(self._mem, True)
+        if written == 0 or lc.llama_state_seq_set_data(self._ctx, buf, written, 0) == 0:
+            self.n_past = 0
+            raise BackendError(f"KV compaction failed: {_recent_llama_errors()}; the context was reset")
+        log.debug("compacted the KV cache: %d trash cells freed, %d tokens kept", self._trash, self.n_past)
+        self._trash = 0
+        self.compactions += 1
+
+    def reset(self) -> None:
+        """Forget everything: empty KV cache, n_past = 0."""
+        lc.llama_memory_clear(self._mem, True)
+        self.n_past = 0
+        self._trash = 0
+        self._tree = None
+
+    def prefill(self, tokens: Sequence[int]) -> DecodeOutput:
+        """Start a new text: clear the cache, decode `tokens` into seq 0; return the LAST token's outputs."""
+        if not tokens:
+            raise ValueError("cannot prefill an empty prompt")
+        if len(tokens) > self.n_ctx:
+            raise ContextLengthError(f"prompt of {len(tokens)} tokens exceeds the context window n_ctx={self.n_ctx}")
+        self.reset()
+        out = None
+        for start in range(0, len(tokens), self.n_batch):
+            out = self.append(tokens[start : start + self.n_batch])
+        return DecodeOutput(logits=out.logits[-1:], hidden=out.hidden[-1:])
+
+    def append(self, tokens: Sequence[int]) -> DecodeOutput:
+        """Decode a chain of tokens onto seq 0 and keep it; outputs for every token."""
+        self._discard_tree()
+        return self._decode_chain(tokens)
+
+    def _decode_chain(self, tokens: Sequence[int], *, want_logits: bool = True) -> DecodeOutput:
+        self._make_room(len(tokens), len(tokens))
+        if len(tokens) > self.n_batch:
+            raise ValueError(f"{len(tokens)} tokens exceed the batch size {self.n_batch}; split them")
+        positions = range(self.n_past, self.n_past + len(tokens))
+        self._fill_batch(tokens, positions, [(0,)] * len(tokens))
+        out = self._decode(len(tokens), want_logits=want_logits)
+        self.n_past += len(tokens)
+        return out
+
+    def decode_tree(self, tokens: Sequence[int], parents: Sequence[int]) -> DecodeOutput:
+        """Decode a token tree after the committed prefix, in one llama_decode call.
+
+        tokens[i] sits at position n_past + depth(i); parents[i] is -1 for a root or an earlier node index.
+        Each node attends to the committed prefix and its own ancestors only. Follow with `commit`.
+        """
+        if len(tokens) != len(parents) or not tokens:
+            raise ValueError(f"a tree needs as many parents as tokens (got {len(tokens)} and {len(parents)})")
+        if len(tokens) > EXACT_BATCH:
+            raise ValueError(f"a tree of {len(tokens)} nodes exceeds the limit of {EXACT_BATCH}")
+        if not self.flash_attn:
+            raise BackendError(
+                "tree decoding needs flash attention: without it llama.cpp's CPU matmuls are not batch-invariant, "
+                "so a tree node would not reproduce plain decoding"
+            )
+        self._discard_tree()
+        depths = tree_depths(parents)
+        self._make_room(max(depths) + 1, len(tokens))
+        is_leaf = [True] * len(tokens)
+        for p in parents:
+            if p >= 0:
+                is_leaf[p] = False
+        leaves = [i for i, leaf in enumerate(is_leaf) if leaf]
+        if len(leaves) > MAX_TREE_LEAVES:
+            raise ValueError(f"a tree with {len(leaves)} leaves exceeds the limit of {MAX_TREE_LEAVES}")
+        seq_sets: list[list[int]] = [[] for _ in tokens]
+        for seq, leaf in enumerate(leaves, start=1):
+            for node in path_to(parents, leaf):
+                seq_sets[node].append(seq)
+        for seq in range(1, len(leaves) + 1):
+            lc.llama_memory_seq_cp(self._mem, 0, seq, -1, -1)
+        self._tree = _PendingTree(
+            parents=tuple(parents), depths=tuple(depths), leaf_seq=tuple(s[0] for s in seq_sets), n_leaves=len(leaves)
+        )
+        self._fill_batch(tokens, [self.n_past + d for d in depths], seq_sets)
+        try:
+            return self._decode(len(tokens))
+        except BackendError:
+            self._discard_tree()
+            raise
+
+    def commit(self, node: int) -> int:
+        """Keep the root-to-`node` path of the last tree in seq 0 and discard the rest; -1 keeps nothing.
+
+        Returns the number of tokens committed.
+        """
+        tree = self._tree
+        if tree is None:
+            raise BackendError("commit() needs a decode_tree() first")
+        if not -1 <= node < len(tree.parents):
+            raise ValueError(f"node {node} is not in the tree of {len(tree.parents)} nodes")
+        kept = path_to(tree.parents, node) if node >= 0 else []
+        n_kept = len(kept)
+        if kept:
+            lc.llama_memory_seq_cp(self._mem, tree.leaf_seq[node], 0, self.n_past, self.n_past + n_kept)
+            # Batch order is cell order: a discarded node before the last kept one would leave a hole.
+            kept_set = set(kept)
+            for i in range(kept[-1]):
+                if i not in kept_set:
+                    pos = self.n_past + tree.depths[i]
+                    lc.llama_memory_seq_cp(self._mem, tree.leaf_seq[i], TRASH_SEQ, pos, pos + 1)
+                    self._trash += 1
+        self._discard_tree()
+        self.n_past += n_kept
+        return n_kept
+
+    def _discard_tree(self) -> None:
+        if self._tree is not None:
+            for seq in range(1, self._tree.n_leaves + 1):
+                lc.llama_memory_seq_rm(self._mem, seq, -1, -1)
+            self._tree = None
+
+    def rollback(self, n_past: int) -> None:
+        """Forget committed tokens at positions >= n_past."""
+        if not 0 <= n_past <= self.n_past:
+            raise ValueError(f"cannot roll back to {n_past}: the context holds {self.n_past} tokens")
+        self._discard_tree()
+        if not lc.llama_memory_seq_rm(self._mem, 0, n_past, -1):
+            raise BackendError(f"llama.cpp refused to remove positions >= {n_past}")
+        self.n_past = n_past
+
+    def extract_hidden(self, sequences: Sequence[Sequence[int]]) -> list[np.ndarray]:
+        """Final hidden states [len(seq), n_embd] for every token of every sequence, many sequences per call.
+
+        Uses the leaf sequences as independent streams and clears the cache between batches, so it
+        destroys the committed text. Sequences longer than the batch are decoded in consecutive chunks.
+        """
+        self.reset()
+        results: list[np.ndarray | None] = [None] * len(sequences)
+        group: list[int] = []
+        used = 0
+        for idx, seq in enumerate(sequences):
+            if not seq:
+                results[idx] = np.zeros((0, self.n_embd), dtype=np.float32)
+                continue
+            if len(seq) > self.n_ctx:
+                raise ContextLengthError(f"sequence {idx} has {len(seq)} tokens, more than n_ctx={self.n_ctx}")
+            if group and (used + len(seq) > EXACT_BATCH or len(group) == TRASH_SEQ):
+                self._extract_group(sequences, group, results)
+                group, used = [], 0
+            group.append(idx)
+            used += len(seq)
+        if group:
+            self._extract_group(sequences, group, results)
+        return results  # type: ignore[return-value]
+
+    def _extract_group(self, sequences: Sequence[Sequence[int]], group: list[int], results: list) -> None:
+        if len(group) == 1 and len(sequences[group[0]]) > EXACT_BATCH:
+            seq = sequences[group[0]]
+            chunks = [
+                self._decode_chain(seq[s : s + EXACT_BATCH], want_logits=False).hidden
+                for s in range(0, len(seq), EXACT_BATCH)
+            ]
+            results[group[0]] = np.concatenate(chunks)
+            self.reset()
+            return
+        tokens, positions, seqs, spans = [], [], [], []
+        for stream, idx in enumerate(group):
+            seq = sequences[idx]
+            spans.append((idx, len(tokens), len(tokens) + len(seq)))
+            tokens.extend(seq)
+            positions.extend(range(len(seq)))
+            seqs.extend([(stream,)] * len(seq))
+        self._fill_batch(tokens, positions, seqs)
+        out = self._decode(len(tokens), want_logits=False)
+        for idx, a, b in spans:
+            results[idx] = out.hidden[a:b]
+        lc.llama_memory_clear(self._mem, True)

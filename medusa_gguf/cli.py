@@ -1,0 +1,125 @@
+"""`medusa-gguf`: the command line.
+
+    medusa-gguf generate "Why is the sky blue?" --max-tokens 64
+    medusa-gguf costs --json cost_curve.json
+
+Every subcommand reads the environment variables of `Settings` (BASE_MODEL_PATH, N_THREADS, N_CTX, ...);
+its flags override them.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from .models import ModelFileError
+from .settings import Settings, SettingsError
+
+log = logging.getLogger("medusa_gguf")
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model (flags override the environment variables in brackets)")
+    g.add_argument("--model", type=Path, help="GGUF file [BASE_MODEL_PATH]; default: the embedded SmolLM2-135M-Instruct")
+    g.add_argument("--n-ctx", type=int, help="context window in tokens [N_CTX, default 4096]")
+    g.add_argument("--threads", type=int, help="CPU threads [N_THREADS, default: llama.cpp's choice]")
+    g.add_argument("--gpu-layers", type=int, help="layers to offload to a GPU, -1 = all [N_GPU_LAYERS, default -1]")
+    g.add_argument("-v", "--verbose", action="store_true", help="log debug lines, llama.cpp's included")
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    return Settings.from_env(
+        base_model_path=args.model, n_ctx=args.n_ctx, n_threads=args.threads, n_gpu_layers=args.gpu_layers
+    )
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from .backend import Backend
+    from .decoding import GenerationResult, SamplingParams, generate
+
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
+    with Backend(_settings(args)) as backend:
+        if args.raw:
+            prompt = args.prompt
+        else:
+            messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
+                {"role": "user", "content": args.prompt}
+            ]
+            prompt = backend.apply_chat_template(messages)
+        tokens = backend.tokenize(prompt)
+        result = GenerationResult()
+        for piece in generate(backend, tokens, params, result):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        log.info("%d prompt tokens, %d generated, finish_reason=%s", len(tokens), len(result.tokens), result.finish_reason)
+    return 0
+
+
+def _cmd_costs(args: argparse.Namespace) -> int:
+    from .backend import Backend
+    from .costs import format_table, measure_costs, save_curve
+
+    sizes = tuple(sorted({int(s) for s in args.sizes.split(",")}))
+    with Backend(_settings(args)) as backend:
+        curve = measure_costs(backend, sizes, repeats=args.repeats, context_tokens=args.context)
+    print(format_table(curve))
+    save_curve(curve, args.json)
+    print(f"wrote {args.json}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="medusa-gguf",
+        description="Medusa speculative decoding for GGUF models on llama.cpp.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser(
+        "generate", help="print the model's reply to a prompt", formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    gen.add_argument("prompt", help="the user message (sent through the model's chat template unless --raw)")
+    gen.add_argument("--max-tokens", type=int, default=128, help="most tokens to generate")
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    gen.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    gen.add_argument("--system", default=None, help="optional system message")
+    gen.add_argument("--raw", action="store_true", help="send the prompt as plain text, without the chat template")
+    _add_model_args(gen)
+    gen.set_defaults(func=_cmd_generate)
+
+    costs = sub.add_parser(
+        "costs",
+        help="measure the time of one decode call with n tokens on this machine (the tree is sized from it)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    costs.add_argument("--sizes", default="1,2,4,8,16,32,64", help="comma-separated tokens per call")
+    costs.add_argument("--repeats", type=int, default=9, help="timed calls per size (median reported)")
+    costs.add_argument("--context", type=int, default=128, help="tokens already in context before each call")
+    costs.add_argument("--json", type=Path, default=Path("cost_curve.json"), help="where to write the curve")
+    _add_model_args(costs)
+    costs.set_defaults(func=_cmd_costs)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return args.func(args)
+    except (SettingsError, ModelFileError, ValueError, RuntimeError) as exc:
+        print(f"medusa-gguf: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,112 @@
+"""One typed settings object, read once from the environment and overridden from the command line.
+
+Every entry point (`medusa-gguf ...`, `python main.py`, `config.py`) builds its `Settings` here, so a default is
+written in exactly one place. A bad value raises `SettingsError` naming the variable and what it accepts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+DEFAULT_MEDUSA_WEIGHTS_PATH = "medusa_heads_weights/medusa_heads_latest.pth"
+
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+
+class SettingsError(ValueError):
+    """A setting has a value the project cannot use; the message names the variable and the accepted values."""
+
+
+def _parse_bool(name: str, raw: str) -> bool:
+    low = raw.strip().lower()
+    if low in _TRUE:
+        return True
+    if low in _FALSE:
+        return False
+    raise SettingsError(f"{name}={raw!r} is not a boolean; accepted values: {', '.join(_TRUE + _FALSE)}")
+
+
+def _int_parser(lo: int | None = None, hi: int | None = None) -> Callable[[str, str], int]:
+    def parse(name: str, raw: str) -> int:
+        try:
+            value = int(raw.strip())
+        except ValueError:
+            raise SettingsError(f"{name}={raw!r} is not an integer; {_int_range(lo, hi)}") from None
+        _check_range(name, value, lo, hi)
+        return value
+
+    return parse
+
+
+def _int_range(lo: int | None, hi: int | None) -> str:
+    if lo is not None and hi is not None:
+        return f"accepted values: integers from {lo} to {hi}"
+    if lo is not None:
+        return f"accepted values: integers >= {lo}"
+    return "accepted values: integers"
+
+
+def _check_range(name: str, value: int, lo: int | None, hi: int | None) -> None:
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        raise SettingsError(f"{name}={value} is out of range; {_int_range(lo, hi)}")
+
+
+def _parse_str(name: str, raw: str) -> str:
+    if not raw.strip():
+        raise SettingsError(f"{name} is set but empty; unset it or give a value")
+    return raw.strip()
+
+
+def _parse_optional_path(name: str, raw: str) -> Path | None:
+    return Path(_parse_str(name, raw)).expanduser()
+
+
+# Each field keeps its environment variable and parser in its metadata, beside its default.
+def _env(var: str, parse: Callable[[str, str], Any], **kw: Any) -> Any:
+    return field(metadata={"env": var, "parse": parse}, **kw)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Runtime configuration. `None` for `base_model_path` means the embedded default model."""
+
+    base_model_path: Path | None = _env("BASE_MODEL_PATH", _parse_optional_path, default=None)
+    medusa_weights_path: Path = _env(
+        "MEDUSA_WEIGHTS_PATH", _parse_optional_path, default=Path(DEFAULT_MEDUSA_WEIGHTS_PATH)
+    )
+    n_gpu_layers: int = _env("N_GPU_LAYERS", _int_parser(lo=-1), default=-1)  # -1: offload every layer
+    n_threads: int | None = _env("N_THREADS", _int_parser(lo=1, hi=1024), default=None)  # None: llama.cpp picks
+    use_mlock: bool = _env("USE_MLOCK", _parse_bool, default=False)
+    use_mmap: bool = _env("USE_MMAP", _parse_bool, default=True)
+    n_ctx: int = _env("N_CTX", _int_parser(lo=16, hi=1 << 20), default=4096)
+    max_tokens_per_step: int = _env("MAX_TOKENS_PER_STEP", _int_parser(lo=1, hi=64), default=6)
+    host: str = _env("HOST", _parse_str, default="127.0.0.1")
+    port: int = _env("PORT", _int_parser(lo=0, hi=65535), default=8000)
+
+    def __post_init__(self) -> None:
+        # Values given in code or on the command line pass the same range checks as the environment.
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, int) and not isinstance(value, bool):
+                f.metadata["parse"](f.metadata["env"], str(value))
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> "Settings":
+        """Read every known variable from `environ` (default: os.environ); non-None overrides win."""
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            raw = environ.get(f.metadata["env"])
+            if raw is not None:
+                values[f.name] = f.metadata["parse"](f.metadata["env"], raw)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    @staticmethod
+    def env_names() -> dict[str, str]:
+        """Field name -> environment variable, for help texts."""
+        return {f.name: f.metadata["env"] for f in dataclasses.fields(Settings)}
