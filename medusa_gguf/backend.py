@@ -148,7 +148,7 @@ class Backend:
         params.n_gpu_layers = self.settings.n_gpu_layers if self.settings.n_gpu_layers >= 0 else 2**31 - 1
         params.use_mmap = self.settings.use_mmap
         params.use_mlock = self.settings.use_mlock
-        params.use_extra_bufts = False
+        params.use_extra_bufts = self.settings.use_extra_bufts
         self._model = lc.llama_model_load_from_file(str(self.model_path).encode(), params)
         if not self._model:
             raise BackendError(f"llama.cpp could not load {self.model_path}: {_recent_llama_errors()}")

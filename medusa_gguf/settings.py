@@ -82,6 +82,9 @@ class Settings:
     n_threads: int | None = _env("N_THREADS", _int_parser(lo=1, hi=1024), default=None)  # None: llama.cpp picks
     use_mlock: bool = _env("USE_MLOCK", _parse_bool, default=False)
     use_mmap: bool = _env("USE_MMAP", _parse_bool, default=True)
+    # llama.cpp's extra CPU buffer types (weight repacking, AMX). Off: AMX tiles raise SIGILL in some VMs,
+    # this development machine among them, although the CPU reports them.
+    use_extra_bufts: bool = _env("USE_EXTRA_BUFTS", _parse_bool, default=False)
     n_ctx: int = _env("N_CTX", _int_parser(lo=16, hi=1 << 20), default=4096)
     max_tokens_per_step: int = _env("MAX_TOKENS_PER_STEP", _int_parser(lo=1, hi=64), default=6)
     host: str = _env("HOST", _parse_str, default="127.0.0.1")
