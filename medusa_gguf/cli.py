@@ -36,25 +36,33 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from .backend import Backend
-    from .decoding import GenerationResult, SamplingParams, generate
+    from .decoding import GenerationResult, SamplingParams
+    from .engine import Engine
 
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
-    with Backend(_settings(args)) as backend:
+    params = SamplingParams(
+        max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+        seed=args.seed, stop=tuple(args.stop),
+    )
+    engine = Engine(_settings(args))
+    try:
         if args.raw:
-            prompt = args.prompt
+            tokens = engine.tokenize(args.prompt)
         else:
-            messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
-                {"role": "user", "content": args.prompt}
-            ]
-            prompt = backend.apply_chat_template(messages)
-        tokens = backend.tokenize(prompt)
+            system = [{"role": "system", "content": args.system}] if args.system else []
+            tokens = engine.chat_prompt(system + [{"role": "user", "content": args.prompt}])
         result = GenerationResult()
-        for piece in generate(backend, tokens, params, result):
+        for piece in engine.generate(tokens, params, result):
             sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n")
-        log.info("%d prompt tokens, %d generated, finish_reason=%s", len(tokens), len(result.tokens), result.finish_reason)
+        st = result.stats
+        log.info(
+            "%d prompt tokens, %d generated, finish_reason=%s, %s decoding%s: %d steps, %.2f tokens/step, %.1f tokens/s",
+            len(tokens), len(result.tokens), result.finish_reason, st.mode,
+            f" ({st.reason})" if st.reason else "", st.steps, st.tau, st.tokens_per_s,
+        )
+    finally:
+        engine.close()
     return 0
 
 
@@ -85,7 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("prompt", help="the user message (sent through the model's chat template unless --raw)")
     gen.add_argument("--max-tokens", type=int, default=128, help="most tokens to generate")
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    gen.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep the smallest set of tokens with this mass")
+    gen.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens; 0 = all")
+    gen.add_argument("--seed", type=int, default=None, help="random seed for sampling (fixed seed: same output)")
+    gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable); never printed")
     gen.add_argument("--system", default=None, help="optional system message")
     gen.add_argument("--raw", action="store_true", help="send the prompt as plain text, without the chat template")
     _add_model_args(gen)
