@@ -443,6 +443,53 @@ class Backend:
             self._extract_group(sequences, group, results)
         return results  # type: ignore[return-value]
 
+    def greedy_batch(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:
+        """Greedy continuations of many prompts at once, one stream per prompt (self-distillation).
+
+        Each call decodes one token for every unfinished stream. Stops a stream at end-of-generation (not
+        included) or after `max_new_tokens`. Destroys the committed text.
+        """
+        if len(prompts) > TRASH_SEQ:
+            raise ValueError(f"at most {TRASH_SEQ} prompts per call, got {len(prompts)}")
+        need = sum(len(p) + max_new_tokens for p in prompts)
+        if need > self._n_cells:
+            raise ContextLengthError(f"{len(prompts)} prompts need {need} KV cells; the context has {self._n_cells}")
+        self.reset()
+        last: dict[int, np.ndarray] = {}  # stream -> logits of its last token
+        rows = [(s, pos, tok) for s, p in enumerate(prompts) for pos, tok in enumerate(p)]
+        for start in range(0, len(rows), self.n_batch):
+            chunk = rows[start : start + self.n_batch]
+            self._fill_batch([t for _, _, t in chunk], [p for _, p, _ in chunk], [(s,) for s, _, _ in chunk])
+            ends = [i for i in range(len(chunk)) if i + 1 == len(chunk) or chunk[i + 1][0] != chunk[i][0]]
+            last.update(zip((chunk[i][0] for i in ends), self._decode_rows(ends)))
+        outputs: list[list[int]] = [[] for _ in prompts]
+        active = [s for s, p in enumerate(prompts) if p]
+        while active:
+            nxt = {s: int(np.argmax(last[s])) for s in active}
+            active = [s for s in active if not self.is_eog(nxt[s])]
+            for s in active:
+                outputs[s].append(nxt[s])
+            active = [s for s in active if len(outputs[s]) < max_new_tokens]
+            if not active:
+                break
+            self._fill_batch([nxt[s] for s in active], [len(prompts[s]) + len(outputs[s]) - 1 for s in active],
+                             [(s,) for s in active])
+            last.update(zip(active, self._decode_rows(range(len(active)))))
+        lc.llama_memory_clear(self._mem, True)
+        return outputs
+
+    def _decode_rows(self, rows: Sequence[int]) -> np.ndarray:
+        """llama_decode the filled batch; logits [len(rows), n_vocab] of the given batch rows.
+
+        With embeddings on, llama.cpp outputs every row anyway; only the asked-for rows are copied.
+        """
+        rc = lc.llama_decode(self._ctx, self._batch)
+        if rc != 0:
+            raise BackendError(f"llama_decode failed with code {rc}: {_recent_llama_errors()}")
+        return np.stack([
+            np.ctypeslib.as_array(lc.llama_get_logits_ith(self._ctx, i), shape=(self.n_vocab,)).copy() for i in rows
+        ])
+
     def _extract_group(self, sequences: Sequence[Sequence[int]], group: list[int], results: list) -> None:
         if len(group) == 1 and len(sequences[group[0]]) > EXACT_BATCH:
             seq = sequences[group[0]]

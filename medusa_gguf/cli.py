@@ -79,6 +79,25 @@ def _cmd_costs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .train_args import args_from_namespace
+    from .training import train
+
+    path = train(args_from_namespace(args))
+    print(f"heads written to {path}")
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from .server import serve
+
+    serve(Settings.from_env(
+        base_model_path=args.model, n_ctx=args.n_ctx, n_threads=args.threads, n_gpu_layers=args.gpu_layers,
+        host=args.host, port=args.port, n_parallel=args.parallel, max_queue=args.max_queue,
+    ))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="medusa-gguf",
@@ -113,6 +132,28 @@ def build_parser() -> argparse.ArgumentParser:
     costs.add_argument("--json", type=Path, default=Path("cost_curve.json"), help="where to write the curve")
     _add_model_args(costs)
     costs.set_defaults(func=_cmd_costs)
+
+    from .train_args import build_parser as training_parser
+
+    train = sub.add_parser(
+        "train", parents=[training_parser()], add_help=False, help="train Medusa heads on the base model's hidden states",
+        description=training_parser().description, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    train.add_argument("-v", "--verbose", action="store_true", help="log debug lines, llama.cpp's included")
+    train.set_defaults(func=_cmd_train)
+
+    srv = sub.add_parser(
+        "serve",
+        help="serve the model over an OpenAI-compatible HTTP API (also: python main.py)",
+        description="Serve /v1/models, /v1/completions, /v1/chat/completions, /health and /metrics. "
+        "Set API_KEY in the environment to require 'Authorization: Bearer <key>' on /v1 routes.",
+    )
+    srv.add_argument("--host", help="address to listen on [HOST, default 127.0.0.1]")
+    srv.add_argument("--port", type=int, help="port to listen on [PORT, default 8000]")
+    srv.add_argument("--parallel", type=int, help="engines, one request each at a time [N_PARALLEL, default 1]")
+    srv.add_argument("--max-queue", type=int, help="requests that may wait for an engine, more get 503 [MAX_QUEUE, default 16]")
+    _add_model_args(srv)
+    srv.set_defaults(func=_cmd_serve)
     return parser
 
 

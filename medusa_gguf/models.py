@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import json
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -173,9 +175,31 @@ def output_matrix(path: Path) -> np.ndarray:
 
 
 def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file: binds weights files and cached hidden states to one exact model."""
+    """Hex SHA-256 of a file: binds weights files and cached hidden states to one exact model.
+
+    Hashing a multi-GB model takes seconds, so the result is cached per (path, size, mtime) in
+    $XDG_CACHE_HOME/medusa-gguf/sha256.json (a cache miss only costs time).
+    """
+    path = Path(path).resolve()
+    st = path.stat()
+    cache_file = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "medusa-gguf" / "sha256.json"
+    key = f"{path}|{st.st_size}|{st.st_mtime_ns}"
+    try:
+        cache = json.loads(cache_file.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    if key in cache:
+        return cache[key]
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         while block := fh.read(chunk):
             digest.update(block)
-    return digest.hexdigest()
+    cache[key] = digest.hexdigest()
+    try:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_file.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(cache))
+        os.replace(tmp, cache_file)
+    except OSError:
+        pass  # a read-only home only loses the cache
+    return cache[key]

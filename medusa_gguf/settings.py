@@ -89,6 +89,9 @@ class Settings:
     max_tokens_per_step: int = _env("MAX_TOKENS_PER_STEP", _int_parser(lo=1, hi=64), default=6)
     host: str = _env("HOST", _parse_str, default="127.0.0.1")
     port: int = _env("PORT", _int_parser(lo=0, hi=65535), default=8000)
+    n_parallel: int = _env("N_PARALLEL", _int_parser(lo=1, hi=64), default=1)  # server: engines, one request each
+    max_queue: int = _env("MAX_QUEUE", _int_parser(lo=0, hi=100_000), default=16)  # server: requests waiting; then 503
+    api_key: str | None = _env("API_KEY", _parse_str, default=None, repr=False)  # server: None = no key needed
 
     def __post_init__(self) -> None:
         # Values given in code or on the command line pass the same range checks as the environment.

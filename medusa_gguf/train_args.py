@@ -1,0 +1,104 @@
+"""Training options: the dataclass and its command line (kept free of torch so the CLI starts fast)."""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+
+TRAIN_DESCRIPTION = """Train Medusa heads on the base model's real hidden states.
+
+  python model/train_medusa.py --base_model_path M.gguf --dataset_name wikitext \\
+      --dataset_config wikitext-103-raw-v1 --dataset_split 'train[:10%]' --epochs 3
+  python model/train_medusa.py --self_distill --prompts_file prompts.jsonl --epochs 2
+  torchrun --nproc_per_node 2 model/train_medusa.py ...   (DistributedDataParallel)
+
+Checkpoints (medusa_heads_epoch{N}.pth, medusa_heads_latest.pth), metrics.jsonl and training_curves.png go to
+--output_dir; --resume continues an interrupted run exactly."""
+
+
+@dataclass(frozen=True)
+class TrainArgs:
+    base_model_path: str | None = None
+    dataset_name: str | None = None
+    dataset_config: str | None = None
+    dataset_split: str = "train"
+    train_files: tuple[str, ...] = ()
+    self_distill: bool = False
+    prompts_file: str | None = None
+    max_samples: int = 0  # 0: all
+    distill_max_tokens: int = 256
+    max_seq_len: int = 512
+    val_fraction: float = 0.05
+    output_dir: str = "medusa_heads_weights"
+    cache_dir: str | None = None  # default: <output_dir>/cache
+    k_heads: int = 5
+    num_layers: int = 1
+    hidden_dim: int = 0  # 0: half the base model's width
+    own_lm_head: bool = False
+    draft_vocab_size: int = 8192  # 0: full vocabulary
+    batch_size: int = 8  # sequences per micro-batch
+    grad_accum: int = 1
+    learning_rate: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 0  # 0: 5% of the optimizer steps
+    max_grad_norm: float = 1.0
+    loss_decay: float = 0.8
+    epochs: int = 3
+    save_steps: int = 200
+    resume: bool = False
+    seed: int = 0
+    device: str = "auto"
+    threads: int = 0  # 0: leave torch's and llama.cpp's defaults
+    stop_after_steps: int = 0  # testing aid: stop as if killed after this many optimizer steps
+
+
+# -- command line --------------------------------------------------------------------------------------------------
+
+
+def build_parser(prog: str = "train_medusa.py") -> argparse.ArgumentParser:
+    d = TrainArgs()
+    p = argparse.ArgumentParser(prog=prog, description=TRAIN_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("base model and data")
+    g.add_argument("--base_model_path", help="GGUF file; default: BASE_MODEL_PATH or the embedded SmolLM2-135M")
+    g.add_argument("--dataset_name", help="Hugging Face dataset (cache or hub), e.g. wikitext")
+    g.add_argument("--dataset_config", help="its configuration, e.g. wikitext-103-raw-v1")
+    g.add_argument("--dataset_split", default=d.dataset_split, help="split, e.g. 'train[:10%%]' (default: %(default)s)")
+    g.add_argument("--train_files", nargs="*", default=[], help=".txt, .jsonl with 'text', or .jsonl chat 'messages'")
+    g.add_argument("--self_distill", action="store_true", help="train on the base model's own answers to the prompts")
+    g.add_argument("--prompts_file", help="prompts for --self_distill (.jsonl with 'prompt'/'messages'/'text', or .txt)")
+    g.add_argument("--max_samples", type=int, default=0, help="use at most this many samples/prompts (0: all)")
+    g.add_argument("--distill_max_tokens", type=int, default=d.distill_max_tokens, help="answer length cap (default: %(default)s)")
+    g.add_argument("--max_seq_len", type=int, default=d.max_seq_len, help="tokens per training sequence (default: %(default)s)")
+    g.add_argument("--val_fraction", type=float, default=d.val_fraction, help="held-out share of sequences (default: %(default)s)")
+    h = p.add_argument_group("heads")
+    h.add_argument("--k_heads", type=int, default=d.k_heads, help="number of heads (default: %(default)s)")
+    h.add_argument("--num_layers", type=int, default=d.num_layers, help="residual blocks per head (default: %(default)s)")
+    h.add_argument("--hidden_dim", type=int, default=0, help="block width (default: half the base model's width)")
+    h.add_argument("--own_lm_head", action="store_true", help="train a projection per head instead of sharing the base one")
+    h.add_argument("--draft_vocab_size", type=int, default=d.draft_vocab_size,
+                   help="heads score only the most frequent target tokens (0: full vocabulary; default: %(default)s)")
+    t = p.add_argument_group("training")
+    t.add_argument("--output_dir", default=d.output_dir, help="checkpoints, metrics and plots (default: %(default)s)")
+    t.add_argument("--cache_dir", help="hidden-state shards and distilled data (default: OUTPUT_DIR/cache)")
+    t.add_argument("--batch_size", type=int, default=d.batch_size, help="sequences per micro-batch (default: %(default)s)")
+    t.add_argument("--grad_accum", type=int, default=d.grad_accum, help="micro-batches per optimizer step (default: %(default)s)")
+    t.add_argument("--learning_rate", type=float, default=d.learning_rate, help="peak AdamW learning rate (default: %(default)s)")
+    t.add_argument("--weight_decay", type=float, default=d.weight_decay, help="AdamW weight decay (default: %(default)s)")
+    t.add_argument("--warmup_steps", type=int, default=0, help="linear warmup, then cosine decay (default: 5%% of the steps)")
+    t.add_argument("--max_grad_norm", type=float, default=d.max_grad_norm, help="gradient clipping (default: %(default)s)")
+    t.add_argument("--loss_decay", type=float, default=d.loss_decay, help="weight of head k is decay^(k-1) (default: %(default)s)")
+    t.add_argument("--epochs", type=int, default=d.epochs, help="passes over the data (default: %(default)s)")
+    t.add_argument("--save_steps", type=int, default=d.save_steps, help="checkpoint every N optimizer steps (default: %(default)s)")
+    t.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/training_state.pth")
+    t.add_argument("--seed", type=int, default=d.seed, help="data order and split seed (default: %(default)s)")
+    t.add_argument("--device", default=d.device, choices=["auto", "cpu", "cuda"], help="(default: %(default)s)")
+    t.add_argument("--threads", type=int, default=0, help="CPU threads for torch and llama.cpp (0: defaults)")
+    t.add_argument("--stop_after_steps", type=int, default=0, help=argparse.SUPPRESS)
+    return p
+
+
+def args_from_namespace(ns: argparse.Namespace) -> TrainArgs:
+    values = vars(ns).copy()
+    values["train_files"] = tuple(values.get("train_files") or ())
+    known = TrainArgs.__dataclass_fields__
+    return TrainArgs(**{k: v for k, v in values.items() if k in known})
