@@ -123,13 +123,17 @@ class Backend:
         *,
         n_batch: int = DEFAULT_N_BATCH,
         flash_attn: bool = True,
+        streams: int = 0,
     ) -> None:
+        """`streams` > 0 builds a context for that many independent sequences (`greedy_batch`), each with its own
+        n_ctx / streams cells: attention then skips the other streams' cells. Such a context cannot decode trees."""
         self._model = self._ctx = self._batch = None  # close() may run after a failed __init__
         self.settings = settings
         self.model_path: Path = resolve_model_path(settings.base_model_path)
         self.info: GGUFInfo = inspect_gguf(self.model_path)
         self.n_batch = n_batch
-        self.n_seq_max = N_SEQ_MAX
+        self.streams = streams
+        self.n_seq_max = streams or N_SEQ_MAX
         self.flash_attn = flash_attn
         self._load_model()
         self._new_context()
@@ -161,11 +165,11 @@ class Backend:
     def _new_context(self) -> None:
         params = lc.llama_context_default_params()
         # The user-visible window is settings.n_ctx; the slack cells hold trash until the next compaction.
-        params.n_ctx = self.settings.n_ctx + max(128, self.settings.n_ctx // 8)
+        params.n_ctx = self.settings.n_ctx + (0 if self.streams else max(128, self.settings.n_ctx // 8))
         params.n_batch = self.n_batch
         params.n_ubatch = self.n_batch
         params.n_seq_max = self.n_seq_max
-        params.kv_unified = True
+        params.kv_unified = not self.streams
         params.embeddings = True
         params.pooling_type = lc.LLAMA_POOLING_TYPE_NONE
         params.flash_attn_type = (
@@ -202,7 +206,10 @@ class Backend:
         self.close()
 
     def __del__(self) -> None:
-        self.close()
+        try:
+            self.close()
+        except Exception:  # at interpreter exit the llama_cpp module may already be torn down
+            pass
 
     # -- text ------------------------------------------------------------------------------------------------
 
@@ -347,6 +354,8 @@ class Backend:
             raise ValueError(f"a tree needs as many parents as tokens (got {len(tokens)} and {len(parents)})")
         if len(tokens) > EXACT_BATCH:
             raise ValueError(f"a tree of {len(tokens)} nodes exceeds the limit of {EXACT_BATCH}")
+        if self.streams:
+            raise BackendError("this backend was built for independent streams (greedy_batch); it cannot decode trees")
         if not self.flash_attn:
             raise BackendError(
                 "tree decoding needs flash attention: without it llama.cpp's CPU matmuls are not batch-invariant, "
@@ -449,11 +458,13 @@ class Backend:
         Each call decodes one token for every unfinished stream. Stops a stream at end-of-generation (not
         included) or after `max_new_tokens`. Destroys the committed text.
         """
-        if len(prompts) > TRASH_SEQ:
-            raise ValueError(f"at most {TRASH_SEQ} prompts per call, got {len(prompts)}")
-        need = sum(len(p) + max_new_tokens for p in prompts)
-        if need > self._n_cells:
-            raise ContextLengthError(f"{len(prompts)} prompts need {need} KV cells; the context has {self._n_cells}")
+        limit = self.streams or TRASH_SEQ
+        if len(prompts) > limit:
+            raise ValueError(f"at most {limit} prompts per call, got {len(prompts)}")
+        per_stream = self._n_cells // self.streams if self.streams else self._n_cells // max(1, len(prompts))
+        longest = max((len(p) for p in prompts), default=0) + max_new_tokens
+        if longest > per_stream:
+            raise ContextLengthError(f"a prompt needs {longest} KV cells with its answer; each stream has {per_stream}")
         self.reset()
         last: dict[int, np.ndarray] = {}  # stream -> logits of its last token
         rows = [(s, pos, tok) for s, p in enumerate(prompts) for pos, tok in enumerate(p)]

@@ -124,10 +124,13 @@ def read_hf_dataset(name: str, config: str | None, split: str, text_field: str =
 # -- self-distillation -------------------------------------------------------------------------------------------
 
 
-def self_distill(
-    backend: Backend, prompts: Sequence[str], cache: Path, *, max_new_tokens: int = 256, streams: int = 16
-) -> list[Sample]:
-    """Chats of (prompt, the base model's greedy answer). Answers are cached in `cache` (JSONL) and reused."""
+def self_distill(backend: Backend, prompts: Sequence[str], cache: Path, *, max_new_tokens: int = 256,
+                 streams: int = 16, max_prompt_tokens: int = 512) -> list[Sample]:
+    """Chats of (prompt, the base model's greedy answer). Answers are cached in `cache` (JSONL) and reused.
+
+    `streams` prompts are answered per decode call, in a context of independent sequences (about 1.7x the
+    tokens/s of one at a time on the CPU). Prompts over `max_prompt_tokens` are skipped with a warning.
+    """
     done: dict[str, str] = {}
     if cache.is_file():
         for line in cache.read_text(encoding="utf-8").splitlines():
@@ -135,21 +138,31 @@ def self_distill(
             done[row["prompt"]] = row["answer"]
     todo = list(dict.fromkeys(p for p in prompts if p not in done))
     if todo:
+        from dataclasses import replace as _replace
+
+        cells = streams * (max_new_tokens + max_prompt_tokens)
+        gen = Backend(_replace(backend.settings, n_ctx=cells), streams=streams)
         cache.parent.mkdir(parents=True, exist_ok=True)
         bar = tqdm(total=len(todo), desc="self-distillation", unit="prompt")
-        n_tokens, t0 = 0, time.perf_counter()
+        n_tokens, t0, skipped = 0, time.perf_counter(), 0
         with open(cache, "a", encoding="utf-8") as fh:  # appended as it goes: a killed run keeps its answers
             for start in range(0, len(todo), streams):
                 group = todo[start : start + streams]
-                toks = [backend.tokenize(backend.apply_chat_template([{"role": "user", "content": p}])) for p in group]
-                for prompt, answer in zip(group, backend.greedy_batch(toks, max_new_tokens)):
-                    done[prompt] = backend.detokenize(answer)
-                    fh.write(json.dumps({"prompt": prompt, "answer": done[prompt]}) + "\n")
+                toks = [gen.tokenize(gen.apply_chat_template([{"role": "user", "content": p}])) for p in group]
+                keep = [i for i, t in enumerate(toks) if len(t) <= max_prompt_tokens]
+                skipped += len(group) - len(keep)
+                answers = gen.greedy_batch([toks[i] for i in keep], max_new_tokens)
+                for i, answer in zip(keep, answers):
+                    done[group[i]] = gen.detokenize(answer)
+                    fh.write(json.dumps({"prompt": group[i], "answer": done[group[i]]}) + "\n")
                     n_tokens += len(answer)
                 fh.flush()
                 bar.update(len(group))
                 bar.set_postfix(tokens_per_s=f"{n_tokens / (time.perf_counter() - t0):.0f}")
         bar.close()
+        gen.close()
+        if skipped:
+            log.warning("skipped %d prompts longer than %d tokens", skipped, max_prompt_tokens)
     return [Sample(messages=(("user", p), ("assistant", done[p]))) for p in prompts if done.get(p)]
 
 

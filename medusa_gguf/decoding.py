@@ -8,6 +8,7 @@ EOS, stop strings (never emitted, not even in part, even across steps), max_toke
 from __future__ import annotations
 
 import codecs
+import functools
 import time
 from dataclasses import dataclass, field
 from typing import Iterator, Protocol, Sequence
@@ -15,6 +16,7 @@ from typing import Iterator, Protocol, Sequence
 import numpy as np
 
 from .backend import Backend, DecodeOutput
+from .tree import Tree, build_tree, node_tokens
 
 
 @dataclass(frozen=True)
@@ -25,6 +27,11 @@ class SamplingParams:
     top_k: int = 0  # 0: whole vocabulary
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    # Medusa verification when temperature > 0: "lossless" (speculative sampling over the tree: the output
+    # distribution is the base model's own) or "typical" (Medusa's typical acceptance: faster, not lossless).
+    acceptance: str = "lossless"
+    typical_epsilon: float = 0.09  # typical acceptance: accept x if p(x) > min(epsilon, alpha * exp(-entropy))
+    typical_alpha: float = 0.3
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -37,6 +44,8 @@ class SamplingParams:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
         if any(not s for s in self.stop):
             raise ValueError("stop strings must not be empty")
+        if self.acceptance not in ("lossless", "typical"):
+            raise ValueError(f"acceptance must be 'lossless' or 'typical', got {self.acceptance!r}")
 
 
 @dataclass
@@ -139,6 +148,121 @@ class PlainStepper:
         return [self.pending]
 
 
+class MedusaStepper:
+    """One Medusa step: heads guess, the tree is decoded in one call, the longest accepted path is committed.
+
+    Index convention: `hidden` is h_t of the last committed token t; `pending` is token t+1 (sampled from h_t's
+    logits, not yet decoded). Head k reads h_t and guesses token t+1+k, so the tree's root is `pending` and its
+    depth-k nodes are head k's candidates. The deepest accepted node's hidden state feeds the next step: no
+    extra forward pass.
+    """
+
+    def __init__(self, backend: Backend, prefill: DecodeOutput, params: SamplingParams, stats: GenerationStats,
+                 heads, tree: Tree) -> None:
+        self.backend, self.params, self.stats, self.heads = backend, params, stats, heads
+        self.rng = np.random.default_rng(params.seed)
+        self.logits, self.hidden = prefill.logits[-1], prefill.hidden[-1]
+        self.pending: int | None = None
+        self.trees = {tree.depth: tree}  # trees cut to a smaller depth near max_tokens or the end of the context
+        self.full = tree
+        stats.mode = "medusa"
+        stats.accepted_per_depth = [0] * tree.depth
+
+    def _tree(self, max_depth: int) -> Tree:
+        depth = max(0, min(self.full.depth, max_depth))
+        if depth not in self.trees:
+            self.trees[depth] = build_tree(c for c in self.full.choices if len(c) <= depth)
+        return self.trees[depth]
+
+    def step(self, budget: int) -> list[int]:
+        if self.pending is None:  # the first token comes from the prompt's own logits
+            self.pending = sample(self.logits, self.params, self.rng)
+            return [self.pending]
+        room = self.backend.n_ctx - self.backend.n_past  # positions left, the root's included
+        tree = self._tree(min(budget - 1, room - 1))
+        t0 = time.perf_counter()
+        if tree.depth:
+            topk = self.heads.topk(self.hidden, max(tree.max_rank_per_depth), n_heads=tree.depth)  # [depth, k]
+            tokens = node_tokens(tree, self.pending, topk)
+        else:
+            tokens = [self.pending]
+        t1 = time.perf_counter()
+        out = self.backend.decode_tree(tokens, tree.parents)
+        t2 = time.perf_counter()
+        node, bonus = self._verify(tree, tokens, out.logits)
+        t3 = time.perf_counter()
+        self.backend.commit(node)
+        self.stats.time_heads_s += t1 - t0
+        self.stats.time_decode_s += t2 - t1 + time.perf_counter() - t3
+        self.hidden = out.hidden[node]
+        depth = tree.depths[node]
+        for d in range(depth):
+            self.stats.accepted_per_depth[d] += 1
+        path = []
+        i = node
+        while i > 0:
+            path.append(tokens[i])
+            i = tree.parents[i]
+        self.pending = bonus
+        return path[::-1] + [bonus]
+
+    def _verify(self, tree: Tree, tokens: list[int], logits: np.ndarray) -> tuple[int, int]:
+        """Walk down from the root; return (deepest accepted node, the next token sampled at it)."""
+        children = _children(tree)
+        node = 0
+        while True:
+            kids = children[node]
+            if self.params.temperature == 0:
+                best = int(np.argmax(logits[node]))
+                nxt = next((c for c in kids if tokens[c] == best), None)
+                if nxt is None:
+                    return node, best
+                node = nxt
+                continue
+            ids, p = probabilities(logits[node], self.params)
+            if self.params.acceptance == "typical":
+                nxt = _typical_child(kids, tokens, ids, p, self.params)
+                if nxt is None:
+                    return node, int(ids[self.rng.choice(len(ids), p=p)])
+                node = nxt
+                continue
+            # Speculative sampling with deterministic drafts: try the children in rank order; child x is accepted
+            # with probability p(x) under the residual distribution; a rejected x is removed and p renormalised.
+            # Every token then comes out with exactly the base model's probability.
+            residual = dict(zip(ids.tolist(), p.tolist()))
+            accepted = None
+            for c in kids:
+                q = residual.get(tokens[c], 0.0)
+                if q > 0 and self.rng.random() < q:
+                    accepted = c
+                    break
+                if q > 0:
+                    residual.pop(tokens[c])
+                    total = sum(residual.values())
+                    residual = {t: v / total for t, v in residual.items()}
+            if accepted is None:
+                toks, probs = np.fromiter(residual.keys(), dtype=np.int64), np.fromiter(residual.values(), dtype=float)
+                return node, int(toks[self.rng.choice(len(toks), p=probs / probs.sum())])
+            node = accepted
+
+
+@functools.lru_cache(maxsize=64)
+def _children(tree: Tree) -> list[list[int]]:
+    kids: list[list[int]] = [[] for _ in range(tree.n_nodes)]
+    for i, p in enumerate(tree.parents):
+        if p >= 0:
+            kids[p].append(i)
+    return kids
+
+
+def _typical_child(kids: list[int], tokens: list[int], ids: np.ndarray, p: np.ndarray, params: SamplingParams) -> int | None:
+    """Medusa's typical acceptance: the first child whose probability clears min(eps, alpha * exp(-entropy))."""
+    entropy = float(-(p * np.log(np.clip(p, 1e-12, None))).sum())
+    threshold = min(params.typical_epsilon, params.typical_alpha * np.exp(-entropy))
+    prob = dict(zip(ids.tolist(), p.tolist()))
+    return next((c for c in kids if prob.get(tokens[c], 0.0) > threshold), None)
+
+
 class _StopScanner:
     """Holds back text that could still become a stop string; finds the earliest complete one."""
 
@@ -176,16 +300,25 @@ def generate(
     prompt_tokens: Sequence[int],
     params: SamplingParams,
     result: GenerationResult | None = None,
+    *,
+    heads=None,
+    tree: Tree | None = None,
 ) -> Iterator[str]:
     """Yield the text pieces of the completion of `prompt_tokens`; fill `result` (if given) as it goes.
 
+    With `heads` and a `tree` of depth >= 1 each step is a Medusa step; otherwise decoding is plain.
     Closing the generator early (a client went away) stops decoding at once.
     """
     result = result if result is not None else GenerationResult()
     stats = result.stats
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     scanner = _StopScanner(params.stop)
-    stepper: Stepper = PlainStepper(backend, backend.prefill(prompt_tokens), params, stats)
+    prefill = backend.prefill(prompt_tokens)
+    stepper: Stepper = (
+        MedusaStepper(backend, prefill, params, stats, heads, tree)
+        if heads is not None and tree is not None and tree.depth > 0
+        else PlainStepper(backend, prefill, params, stats)
+    )
     t0 = time.perf_counter()
     try:
         while result.finish_reason is None:

@@ -1,31 +1,75 @@
-"""The engine: one backend (model + context) plus, when available, Medusa heads and the tree they use.
+"""The engine: one backend (model + context) plus, when they fit, Medusa heads and the tree they use.
 
 Callers (CLI, server, benchmark) build an Engine from Settings and call `generate`. An Engine is not
 thread-safe; the server keeps one per parallel slot.
+
+Choosing how to decode, in order:
+1. TREE=plain: plain decoding.
+2. Weights at MEDUSA_WEIGHTS_PATH if that file exists (a mismatch with the model is an error, not a fallback);
+   else the heads shipped inside the package, if they were trained for this exact model file (same SHA-256);
+   else plain decoding.
+3. The tree: TREE=auto calibrates one from the heads' recorded accuracies and this machine's measured cost
+   curve (cached per model and settings); it falls back to plain decoding when no tree is predicted to be
+   faster. TREE=chain uses the top-1 chain; TREE=PATH loads choices from a JSON file. The tree is cut to
+   MAX_TOKENS_PER_STEP - 1 levels.
 """
 from __future__ import annotations
 
+import json
 import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator, Sequence
 
+import numpy as np
+
 from .backend import Backend
+from .costs import CostCurve, measure_costs, save_curve
 from .decoding import GenerationResult, SamplingParams, generate
+from .models import file_sha256
 from .settings import Settings
+from .tree import Calibration, Tree, build_tree, calibrate_tree, chain, load_choices
 
 log = logging.getLogger(__name__)
 
+SHIPPED_HEADS = Path(__file__).parent / "assets" / "smollm2-135m-instruct-q4_1.medusa.pth"
+CALIBRATION_SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 63)
+
+
+@dataclass(frozen=True)
+class DecodingPlan:
+    heads: object | None  # MedusaHeads, or None for plain decoding
+    tree: Tree | None
+    reason: str  # why this plan: printed in logs and returned in every response's stats
+    weights_path: Path | None = None
+    calibration: Calibration | None = None
+
 
 class Engine:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, backend: Backend | None = None) -> None:
         self.settings = settings
-        self.backend = Backend(settings)
+        self.backend = backend or Backend(settings)
         self.model_name = self.backend.model_path.name
-        # Why decoding is plain, when it is; None once Medusa heads are in use.
-        self.plain_reason: str | None = "Medusa decoding is not implemented yet"
+        self.plan = plan_decoding(self.backend, settings)
+        log.info("decoding: %s", self.plan.reason)
 
     @property
     def n_ctx(self) -> int:
         return self.backend.n_ctx
+
+    @property
+    def model_path(self) -> Path:
+        return self.backend.model_path
+
+    @property
+    def decoding_mode(self) -> str:
+        return "medusa" if self.plan.heads is not None else "plain"
+
+    @property
+    def plain_reason(self) -> str | None:
+        return None if self.plan.heads is not None else self.plan.reason
 
     def tokenize(self, text: str) -> list[int]:
         return self.backend.tokenize(text)
@@ -35,12 +79,103 @@ class Engine:
         return self.backend.tokenize(self.backend.apply_chat_template(messages))
 
     def generate(
-        self, prompt_tokens: Sequence[int], params: SamplingParams, result: GenerationResult | None = None
+        self, prompt_tokens: Sequence[int], params: SamplingParams, result: GenerationResult | None = None,
+        *, plain: bool = False,
     ) -> Iterator[str]:
         """Stream the completion's text pieces; `result` receives tokens, finish_reason and stats."""
         result = result if result is not None else GenerationResult()
-        result.stats.reason = self.plain_reason
-        return generate(self.backend, prompt_tokens, params, result)
+        if plain or self.plan.heads is None:
+            result.stats.reason = "plain decoding requested" if plain else self.plan.reason
+            return generate(self.backend, prompt_tokens, params, result)
+        result.stats.reason = self.plan.reason
+        return generate(self.backend, prompt_tokens, params, result, heads=self.plan.heads, tree=self.plan.tree)
 
     def close(self) -> None:
         self.backend.close()
+
+
+def plan_decoding(backend: Backend, settings: Settings, *, tree: str | None = None,
+                  weights: Path | None = None) -> DecodingPlan:
+    """Decide heads and tree for this backend (see the module docstring)."""
+    tree_setting = tree or settings.tree
+    if tree_setting == "plain":
+        return DecodingPlan(None, None, "plain decoding: Medusa heads disabled (TREE=plain)")
+    path = weights or settings.medusa_weights_path
+    if not path.is_file():
+        shipped = SHIPPED_HEADS if SHIPPED_HEADS.is_file() else None
+        if shipped is None:
+            return DecodingPlan(None, None, f"plain decoding: no Medusa weights at {path}")
+        from .heads import read_heads_file
+
+        config, _ = read_heads_file(shipped)
+        if config.base_model_sha256 != file_sha256(backend.model_path):
+            return DecodingPlan(None, None, f"plain decoding: no Medusa weights at {path}, and the shipped heads "
+                                f"were trained for {config.base_model_name}, not this model file")
+        path = shipped
+    heads = _load(backend, path)
+    max_depth = min(heads.config.k_heads, settings.max_tokens_per_step - 1)
+    if max_depth < 1:
+        return DecodingPlan(None, None, "plain decoding: MAX_TOKENS_PER_STEP=1 leaves no room for drafts")
+    if tree_setting == "chain":
+        t = chain(max_depth)
+        return DecodingPlan(heads, t, f"Medusa heads {path.name} with a top-1 chain of depth {t.depth}", path)
+    if tree_setting != "auto":
+        t = load_choices(tree_setting)
+        if t.depth > heads.config.k_heads:
+            raise ValueError(f"tree {tree_setting} is {t.depth} deep but {path} has {heads.config.k_heads} heads")
+        t = build_tree(c for c in t.choices if len(c) <= max_depth)
+        return DecodingPlan(heads, t, f"Medusa heads {path.name} with the tree from {tree_setting} "
+                            f"({t.n_nodes} nodes, depth {t.depth})", path)
+    if not heads.config.accuracy:
+        t = chain(min(max_depth, 2))
+        return DecodingPlan(heads, t, f"Medusa heads {path.name} carry no accuracies to calibrate with; "
+                            f"using a top-1 chain of depth {t.depth}", path)
+    curve = cost_curve(backend, settings)
+    head_ms = head_cost_ms(heads, backend.n_embd, max_depth)
+    accuracy = [row for row in heads.config.accuracy[:max_depth]]
+    cal = calibrate_tree(accuracy, curve.ms, max_depth=max_depth, head_cost_ms=head_ms)
+    if cal.tree.depth == 0:
+        return DecodingPlan(None, None, f"plain decoding: {cal.reason} (heads {path.name}, heads cost "
+                            f"{head_ms:.2f} ms)", path, cal)
+    return DecodingPlan(heads, cal.tree, f"Medusa heads {path.name}, calibrated tree: {cal.reason}", path, cal)
+
+
+def _load(backend: Backend, path: Path):
+    import torch
+
+    from .heads import load_heads
+    from .models import output_matrix
+
+    return load_heads(path, torch.from_numpy(output_matrix(backend.model_path)))
+
+
+def head_cost_ms(heads, n_embd: int, depth: int, repeats: int = 30) -> float:
+    """Median time to score `depth` heads and take their top-k for one hidden state."""
+    h = np.random.default_rng(0).standard_normal(n_embd).astype(np.float32)
+    times = []
+    for _ in range(repeats + 3):
+        t0 = time.perf_counter()
+        heads.topk(h, 8, n_heads=depth)
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times[3:]) * 1e3)
+
+
+def cost_curve(backend: Backend, settings: Settings) -> CostCurve:
+    """This machine's cost curve for this model and these settings, measured once and cached."""
+    key = f"{file_sha256(backend.model_path)[:16]}-t{settings.n_threads or 0}-g{settings.n_gpu_layers}"
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "medusa-gguf" / "costs" / f"{key}.json"
+    if cache.is_file():
+        try:
+            curve = CostCurve.from_json(json.loads(cache.read_text()))
+            log.info("cost curve from %s", cache)
+            return curve
+        except (KeyError, ValueError):
+            log.warning("ignoring unreadable cost curve %s", cache)
+    log.info("measuring this machine's cost curve (once; cached in %s)", cache)
+    curve = measure_costs(backend, CALIBRATION_SIZES, repeats=5, context_tokens=64, progress=False)
+    backend.reset()
+    try:
+        save_curve(curve, cache)
+    except OSError as exc:
+        log.warning("could not cache the cost curve: %s", exc)
+    return curve

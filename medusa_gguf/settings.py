@@ -87,6 +87,8 @@ class Settings:
     use_extra_bufts: bool = _env("USE_EXTRA_BUFTS", _parse_bool, default=False)
     n_ctx: int = _env("N_CTX", _int_parser(lo=16, hi=1 << 20), default=4096)
     max_tokens_per_step: int = _env("MAX_TOKENS_PER_STEP", _int_parser(lo=1, hi=64), default=6)
+    # auto: calibrate from the heads' accuracies and this machine's cost curve; chain; plain; or a JSON file.
+    tree: str = _env("TREE", _parse_str, default="auto")
     host: str = _env("HOST", _parse_str, default="127.0.0.1")
     port: int = _env("PORT", _int_parser(lo=0, hi=65535), default=8000)
     n_parallel: int = _env("N_PARALLEL", _int_parser(lo=1, hi=64), default=1)  # server: engines, one request each
