@@ -17,3 +17,7 @@ N_CTX = SETTINGS.n_ctx
 MAX_TOKENS_PER_STEP = SETTINGS.max_tokens_per_step
 HOST = SETTINGS.host
 PORT = SETTINGS.port
+TREE = SETTINGS.tree
+N_PARALLEL = SETTINGS.n_parallel
+MAX_QUEUE = SETTINGS.max_queue
+API_KEY = SETTINGS.api_key

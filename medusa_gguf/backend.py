@@ -523,3 +523,45 @@ class Backend:
         for idx, a, b in spans:
             results[idx] = out.hidden[a:b]
         lc.llama_memory_clear(self._mem, True)
+
+
+class PromptLookup:
+    """llama-cpp-python's own n-gram drafter (`LlamaPromptLookupDecoding`), the nearest peer, for the benchmark.
+
+    It runs on llama-cpp-python's high-level `Llama` with its own context; greedy only.
+    """
+
+    def __init__(self, settings: Settings, *, num_pred_tokens: int = 10) -> None:
+        from llama_cpp import llama_cpp as low
+        from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
+
+        path = resolve_model_path(settings.base_model_path)
+        default_params = low.llama_model_default_params
+
+        def patched():  # the high-level class has no switch for the extra buffer types (AMX, see Settings)
+            params = default_params()
+            params.use_extra_bufts = settings.use_extra_bufts
+            return params
+
+        low.llama_model_default_params = patched
+        try:
+            self.llm = lc.Llama(
+                str(path), n_ctx=settings.n_ctx, n_threads=settings.n_threads, n_threads_batch=settings.n_threads,
+                n_gpu_layers=settings.n_gpu_layers, use_mmap=settings.use_mmap, use_mlock=settings.use_mlock,
+                draft_model=LlamaPromptLookupDecoding(num_pred_tokens=num_pred_tokens), verbose=False,
+            )
+        finally:
+            low.llama_model_default_params = default_params
+
+    def generate(self, prompt_tokens: Sequence[int], max_tokens: int) -> list[int]:
+        out: list[int] = []
+        for token in self.llm.generate(list(prompt_tokens), temp=0.0, top_k=1, reset=True):
+            if lc.llama_vocab_is_eog(self.llm._model.vocab, token):
+                break
+            out.append(int(token))
+            if len(out) >= max_tokens:
+                break
+        return out
+
+    def close(self) -> None:
+        self.llm.close()

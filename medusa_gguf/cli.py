@@ -9,6 +9,7 @@ its flags override them.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
@@ -98,6 +99,32 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import format_report, plot_report, read_prompts, run_bench
+
+    settings = _settings(args)
+    result = run_bench(settings, read_prompts(args.prompts, args.limit), args.max_tokens, static_tree=args.static_tree,
+                       weights=args.weights)
+    print(format_report(result))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2))
+        print(f"wrote {args.json}")
+    if args.plot:
+        plot_report(result, args.plot)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def _cmd_recipe(args: argparse.Namespace) -> int:
+    from .recipe import run_recipe
+
+    shipped = run_recipe(args.output_dir, prompts=args.prompts, epochs=args.epochs, threads=args.threads or 0,
+                         install=args.install, resume=args.resume)
+    print(f"heads: {shipped}; report: {args.output_dir / 'REPORT.md'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="medusa-gguf",
@@ -132,6 +159,34 @@ def build_parser() -> argparse.ArgumentParser:
     costs.add_argument("--json", type=Path, default=Path("cost_curve.json"), help="where to write the curve")
     _add_model_args(costs)
     costs.set_defaults(func=_cmd_costs)
+
+    bench = sub.add_parser(
+        "bench", help="benchmark plain, prompt lookup and Medusa decoding side by side on the same prompts",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    bench.add_argument("--prompts", type=Path, required=True, help="JSONL with 'prompt' (and optional 'category')")
+    bench.add_argument("--max-tokens", type=int, default=128, help="tokens generated per prompt")
+    bench.add_argument("--limit", type=int, default=0, help="use this many prompts, spread over the file (0: all)")
+    bench.add_argument("--weights", type=Path, default=None, help="Medusa weights [MEDUSA_WEIGHTS_PATH / shipped heads]")
+    bench.add_argument("--static-tree", default="default", help="static tree: default, wide, chain or a JSON file")
+    bench.add_argument("--json", type=Path, default=None, help="write the results as JSON")
+    bench.add_argument("--plot", type=Path, default=None, help="write a PNG chart")
+    _add_model_args(bench)
+    bench.set_defaults(func=_cmd_bench)
+
+    recipe = sub.add_parser(
+        "recipe", help="reproduce the heads shipped for the default model (distill, extract, train, validate, calibrate)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    recipe.add_argument("name", choices=["default"], help="the recipe: 'default' = the embedded SmolLM2-135M model")
+    recipe.add_argument("--prompts", type=int, default=3000, help="training prompts to self-distill")
+    recipe.add_argument("--epochs", type=int, default=3, help="training epochs")
+    recipe.add_argument("--output-dir", type=Path, default=Path("runs/recipe-default"), help="work folder")
+    recipe.add_argument("--install", action="store_true", help="copy the heads into the package (medusa_gguf/assets)")
+    recipe.add_argument("--resume", action="store_true", help="continue an interrupted run")
+    recipe.add_argument("--threads", type=int, default=0, help="CPU threads (0: defaults)")
+    recipe.add_argument("-v", "--verbose", action="store_true", help="log debug lines")
+    recipe.set_defaults(func=_cmd_recipe)
 
     from .train_args import build_parser as training_parser
 

@@ -109,9 +109,11 @@ def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator)
 def probabilities(logits: np.ndarray, params: SamplingParams) -> tuple[np.ndarray, np.ndarray]:
     """The sampling distribution after temperature, top-k and top-p: (token ids, probabilities), most likely first."""
     z = logits.astype(np.float64) / params.temperature
-    order = np.argsort(-z, kind="stable")
-    if params.top_k:
-        order = order[: params.top_k]
+    if params.top_k and params.top_k < len(z):
+        part = np.argpartition(-z, params.top_k - 1)[: params.top_k]
+        order = part[np.argsort(-z[part], kind="stable")]
+    else:
+        order = np.argsort(-z, kind="stable")
     p = np.exp(z[order] - z[order[0]])
     p /= p.sum()
     if params.top_p < 1:

@@ -10,7 +10,8 @@ Choosing how to decode, in order:
    else plain decoding.
 3. The tree: TREE=auto calibrates one from the heads' recorded accuracies and this machine's measured cost
    curve (cached per model and settings); it falls back to plain decoding when no tree is predicted to be
-   faster. TREE=chain uses the top-1 chain; TREE=PATH loads choices from a JSON file. The tree is cut to
+   faster. TREE=chain uses the top-1 chain, TREE=default and TREE=wide the static trees of `tree.py`, and
+   TREE=PATH loads choices from a JSON file. The tree is cut to
    MAX_TOKENS_PER_STEP - 1 levels.
 """
 from __future__ import annotations
@@ -30,12 +31,13 @@ from .costs import CostCurve, measure_costs, save_curve
 from .decoding import GenerationResult, SamplingParams, generate
 from .models import file_sha256
 from .settings import Settings
-from .tree import Calibration, Tree, build_tree, calibrate_tree, chain, load_choices
+from .tree import DEFAULT_CHOICES, WIDE_CHOICES, Calibration, Tree, build_tree, calibrate_tree, chain, load_choices
 
 log = logging.getLogger(__name__)
 
 SHIPPED_HEADS = Path(__file__).parent / "assets" / "smollm2-135m-instruct-q4_1.medusa.pth"
 CALIBRATION_SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 63)
+NAMED_TREES = {"default": DEFAULT_CHOICES, "wide": WIDE_CHOICES}
 
 
 @dataclass(frozen=True)
@@ -119,6 +121,10 @@ def plan_decoding(backend: Backend, settings: Settings, *, tree: str | None = No
     if tree_setting == "chain":
         t = chain(max_depth)
         return DecodingPlan(heads, t, f"Medusa heads {path.name} with a top-1 chain of depth {t.depth}", path)
+    if tree_setting in NAMED_TREES:
+        t = build_tree(c for c in NAMED_TREES[tree_setting] if len(c) <= max_depth)
+        return DecodingPlan(heads, t, f"Medusa heads {path.name} with the static {tree_setting} tree "
+                            f"({t.n_nodes} nodes, depth {t.depth})", path)
     if tree_setting != "auto":
         t = load_choices(tree_setting)
         if t.depth > heads.config.k_heads:
@@ -146,6 +152,7 @@ def _load(backend: Backend, path: Path):
     from .heads import load_heads
     from .models import output_matrix
 
+    torch.set_num_threads(1)  # the heads are a few small matmuls; more threads only fight llama.cpp's
     return load_heads(path, torch.from_numpy(output_matrix(backend.model_path)))
 
 

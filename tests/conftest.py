@@ -1,6 +1,10 @@
 """Shared fixtures: the embedded default model loads in well under a second, so tests use the real thing."""
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from medusa_gguf.backend import Backend
@@ -25,3 +29,32 @@ def backend():
 def prompt_tokens(backend):
     text = backend.apply_chat_template([{"role": "user", "content": "Explain why the sky is blue in two sentences."}])
     return backend.tokenize(text)
+
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPTS_SMALL = ROOT / "tests" / "data" / "prompts_small.jsonl"
+TINY_TRAIN_FLAGS = ["--self_distill", "--prompts_file", str(PROMPTS_SMALL), "--distill_max_tokens", "96",
+                    "--threads", "2", "--val_fraction", "0.2", "--draft_vocab_size", "2048", "--k_heads", "5",
+                    "--batch_size", "2", "--learning_rate", "2e-3"]
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """Heads trained through the founding document's entry point on a handful of self-distilled prompts
+    (about a minute). Returns (run folder, the trainer's log)."""
+    out = tmp_path_factory.mktemp("tiny_run")
+    cmd = [sys.executable, str(ROOT / "model" / "train_medusa.py"), *TINY_TRAIN_FLAGS, "--epochs", "3",
+           "--output_dir", str(out / "weights"), "--cache_dir", str(out / "cache")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, proc.stderr
+
+
+@pytest.fixture(scope="session")
+def tiny_heads(tiny_run, model_path):
+    import torch
+
+    from medusa_gguf.heads import load_heads
+    from medusa_gguf.models import output_matrix
+
+    return load_heads(tiny_run[0] / "weights" / "medusa_heads_latest.pth", torch.from_numpy(output_matrix(model_path)))

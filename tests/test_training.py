@@ -19,22 +19,14 @@ from medusa_gguf.models import output_matrix
 from medusa_gguf.train_args import TrainArgs
 from medusa_gguf.training import evaluate, train
 
-ROOT = Path(__file__).resolve().parents[1]
-PROMPTS = ROOT / "tests" / "data" / "prompts_small.jsonl"
-COMMON = ["--self_distill", "--prompts_file", str(PROMPTS), "--distill_max_tokens", "96", "--threads", "2",
-          "--val_fraction", "0.2", "--draft_vocab_size", "2048", "--k_heads", "3", "--batch_size", "2",
-          "--learning_rate", "2e-3"]
+from .conftest import PROMPTS_SMALL, ROOT, TINY_TRAIN_FLAGS
+
+K = 5  # heads in the tiny run
 
 
 @pytest.fixture(scope="session")
-def run(tmp_path_factory):
-    """The founding document's entry point, on the embedded model, with a handful of self-distilled prompts."""
-    out = tmp_path_factory.mktemp("run")
-    cmd = [sys.executable, str(ROOT / "model" / "train_medusa.py"), *COMMON, "--epochs", "3",
-           "--output_dir", str(out / "weights"), "--cache_dir", str(out / "cache")]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return out, proc.stderr
+def run(tiny_run):
+    return tiny_run
 
 
 @pytest.fixture(scope="session")
@@ -53,11 +45,11 @@ def test_checkpoints_exist_and_reload(run, projection):
     for name in ("medusa_heads_epoch1.pth", "medusa_heads_epoch3.pth", "medusa_heads_latest.pth", "metrics.jsonl",
                  "training_curves.png", "training_state.pth"):
         assert (w / name).is_file(), name
-    heads = load_heads(w / "medusa_heads_latest.pth", projection, k_heads=3)
+    heads = load_heads(w / "medusa_heads_latest.pth", projection, k_heads=K)
     cfg = heads.config
     assert cfg.base_model_name == "SmolLM2-135M-Instruct.Q4_1.gguf" and len(cfg.base_model_sha256) == 64
-    assert len(cfg.accuracy) == 3 and len(cfg.accuracy[0]) == 10 and 0 < cfg.accuracy[0][0] < 1
-    assert cfg.training_args["k_heads"] == 3 and cfg.draft_vocab_size == 2048
+    assert len(cfg.accuracy) == K and len(cfg.accuracy[0]) == 10 and 0 < cfg.accuracy[0][0] < 1
+    assert cfg.training_args["k_heads"] == K and cfg.draft_vocab_size == 2048
     assert "val loss" in log and "acceptance" in log
 
 
@@ -75,7 +67,7 @@ def test_head1_beats_trivial_predictors(run, projection):
     paths = val_paths(out)
     trained = evaluate(heads, paths, torch.device("cpu"), 0.8, 4)["top1"][0]
     # Trivial 1: the untrained head = the base model's own argmax at t, taken as a guess for t+2.
-    untrained = MedusaHeads(HeadsConfig(k_heads=3, n_embd=576, n_vocab=49152, hidden_dim=288), projection)
+    untrained = MedusaHeads(HeadsConfig(k_heads=K, n_embd=576, n_vocab=49152, hidden_dim=288), projection)
     base_guess = evaluate(untrained, paths, torch.device("cpu"), 0.8, 4)["top1"][0]
     # Trivial 2: always the most frequent training target.
     train_dir = out / "cache" / "train-rank0"
@@ -102,8 +94,8 @@ def test_training_hidden_states_equal_inference(run, backend):
 
 def test_resume_ends_with_the_same_weights(run, tmp_path):
     out, _ = run
-    base = TrainArgs(self_distill=True, prompts_file=str(PROMPTS), distill_max_tokens=96, threads=2, val_fraction=0.2,
-                     draft_vocab_size=2048, k_heads=3, batch_size=2, learning_rate=2e-3, epochs=2, save_steps=3,
+    base = TrainArgs(self_distill=True, prompts_file=str(PROMPTS_SMALL), distill_max_tokens=96, threads=2,
+                     val_fraction=0.2, draft_vocab_size=2048, k_heads=K, batch_size=2, learning_rate=2e-3, epochs=2, save_steps=3,
                      cache_dir=str(out / "cache"))
     full = train(replace(base, output_dir=str(tmp_path / "full")))
     train(replace(base, output_dir=str(tmp_path / "cut"), stop_after_steps=5))  # as if killed after step 5
@@ -116,14 +108,14 @@ def test_resume_ends_with_the_same_weights(run, tmp_path):
 
 def test_resume_without_state_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no training state at"):
-        train(TrainArgs(train_files=(str(PROMPTS),), output_dir=str(tmp_path), resume=True, epochs=1, threads=2))
+        train(TrainArgs(train_files=(str(PROMPTS_SMALL),), output_dir=str(tmp_path), resume=True, epochs=1, threads=2))
 
 
 def test_ddp_two_processes(run, tmp_path):
     """torchrun with 2 CPU processes (gloo): each rank extracts its own shard; rank 0 alone writes files."""
     out, _ = run
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(ROOT / "model" / "train_medusa.py"), *COMMON, "--epochs", "1", "--threads", "1",
+           str(ROOT / "model" / "train_medusa.py"), *TINY_TRAIN_FLAGS, "--epochs", "1", "--threads", "1",
            "--output_dir", str(tmp_path / "ddp"), "--cache_dir", str(out / "cache")]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)

@@ -1,0 +1,202 @@
+"""Side-by-side benchmark: plain decoding, prompt lookup, Medusa with a static tree, Medusa with the calibrated tree.
+
+    medusa-gguf bench --prompts medusa_gguf/prompts/heldout.jsonl --max-tokens 128 --json bench.json --plot bench.png
+
+All methods run in one process on the same prompts, greedy, in an order that rotates with every prompt so that
+drift of a shared machine hits them alike. For each method: tokens/s, tau (tokens per step), the speedup over
+plain decoding (median of per-prompt ratios), whether every output matched plain decoding, and, for Medusa,
+the head overhead and the ceiling tau / (tree cost in plain steps) that the machine allows.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from tqdm import tqdm
+
+from .backend import PromptLookup
+from .decoding import GenerationResult, SamplingParams
+from .engine import Engine, cost_curve, plan_decoding
+from .settings import Settings
+from .tree import interpolate_cost
+
+log = logging.getLogger(__name__)
+METHODS = ("plain", "prompt_lookup", "medusa_static", "medusa_calibrated")
+
+
+@dataclass
+class Run:
+    category: str
+    tokens: list[int]
+    seconds: float
+    steps: int
+    heads_s: float = 0.0
+
+
+@dataclass
+class MethodReport:
+    name: str
+    note: str = ""
+    tree_nodes: int = 1
+    runs: list[Run] = field(default_factory=list)
+
+
+def read_prompts(path: Path, limit: int = 0) -> list[dict]:
+    rows = []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if line.strip():
+            row = json.loads(line)
+            if not isinstance(row.get("prompt"), str):
+                raise ValueError(f"{path}:{lineno}: each line needs a 'prompt' string")
+            rows.append({"prompt": row["prompt"], "category": row.get("category", "all")})
+    if not rows:
+        raise ValueError(f"{path} holds no prompts")
+    if limit and limit < len(rows):  # spread the sample over the file (and so over its categories)
+        rows = [rows[i * len(rows) // limit] for i in range(limit)]
+    return rows
+
+
+def run_bench(settings: Settings, prompts: list[dict], max_tokens: int, *, static_tree: str = "default",
+              weights: Path | None = None) -> dict:
+    engine = Engine(settings)
+    backend = engine.backend
+    curve = cost_curve(backend, settings)
+    static = plan_decoding(backend, settings, tree=static_tree, weights=weights)
+    calibrated = plan_decoding(backend, settings, tree="auto", weights=weights)
+    lookup = PromptLookup(settings)
+    params = SamplingParams(max_tokens=max_tokens)
+    tokenized = [engine.chat_prompt([{"role": "user", "content": p["prompt"]}]) for p in prompts]
+
+    def medusa(plan) -> Callable[[list[int]], tuple[list[int], int, float]]:
+        def go(tokens: list[int]):
+            from .decoding import generate
+
+            r = GenerationResult()
+            list(generate(backend, tokens, params, r, heads=plan.heads, tree=plan.tree))
+            return r.tokens, r.stats.steps, r.stats.time_heads_s
+        return go
+
+    def plain(tokens: list[int]):
+        r = GenerationResult()
+        list(engine.generate(tokens, params, r, plain=True))
+        return r.tokens, r.stats.steps, 0.0
+
+    def prompt_lookup(tokens: list[int]):
+        out = lookup.generate(tokens, max_tokens)
+        return out, 0, 0.0  # its steps are not observable from outside llama-cpp-python
+
+    runners = {"plain": plain, "prompt_lookup": prompt_lookup, "medusa_static": medusa(static),
+               "medusa_calibrated": medusa(calibrated)}
+    reports = {
+        "plain": MethodReport("plain", "llama.cpp greedy, one token per decode call"),
+        "prompt_lookup": MethodReport("prompt_lookup", "llama-cpp-python LlamaPromptLookupDecoding(num_pred_tokens=10)"),
+        "medusa_static": MethodReport("medusa_static", static.reason, static.tree.n_nodes if static.tree else 1),
+        "medusa_calibrated": MethodReport("medusa_calibrated", calibrated.reason,
+                                          calibrated.tree.n_nodes if calibrated.tree else 1),
+    }
+    for name in ("plain", "medusa_static", "medusa_calibrated"):  # warm-up: caches, allocations
+        runners[name](tokenized[0][:8])
+    for i, (prompt, tokens) in enumerate(tqdm(list(zip(prompts, tokenized)), desc="bench", unit="prompt")):
+        order = METHODS[i % 4 :] + METHODS[: i % 4]
+        for name in order:
+            t0 = time.perf_counter()
+            out, steps, heads_s = runners[name](tokens)
+            reports[name].runs.append(Run(prompt["category"], out, time.perf_counter() - t0, steps, heads_s))
+    lookup.close()
+    engine.close()
+    return summarize(reports, curve.ms, prompts, max_tokens)
+
+
+def summarize(reports: dict[str, MethodReport], curve_ms: dict[int, float], prompts: list[dict], max_tokens: int) -> dict:
+    plain_runs = reports["plain"].runs
+    one_step_ms = interpolate_cost(curve_ms, 1)
+    methods = {}
+    for name, rep in reports.items():
+        tokens = sum(len(r.tokens) for r in rep.runs)
+        seconds = sum(r.seconds for r in rep.runs)
+        steps = sum(r.steps for r in rep.runs)
+        ratios = [(len(r.tokens) / r.seconds) / (len(p.tokens) / p.seconds)
+                  for r, p in zip(rep.runs, plain_runs) if r.seconds > 0 and p.seconds > 0 and p.tokens]
+        tau = tokens / steps if steps else None
+        tree_cost = interpolate_cost(curve_ms, rep.tree_nodes) / one_step_ms
+        entry = {
+            "tokens_per_s": tokens / seconds if seconds else 0.0,
+            "tau": tau,
+            "speedup_vs_plain": statistics.median(ratios) if ratios else None,
+            "outputs_match_plain": all(r.tokens == p.tokens for r, p in zip(rep.runs, plain_runs)),
+            "match_rate": sum(r.tokens == p.tokens for r, p in zip(rep.runs, plain_runs)) / max(1, len(rep.runs)),
+            "tokens": tokens,
+            "seconds": seconds,
+            "note": rep.note,
+        }
+        if name.startswith("medusa"):
+            entry["tree_nodes"] = rep.tree_nodes
+            entry["tree_cost_in_plain_steps"] = tree_cost
+            entry["ceiling_speedup"] = (tau / tree_cost) if tau else None
+            heads_s = sum(r.heads_s for r in rep.runs)
+            entry["head_overhead_vs_plain_step"] = (heads_s / steps * 1e3 / one_step_ms) if steps else 0.0
+        by_cat: dict[str, dict] = {}
+        for cat in sorted({r.category for r in rep.runs}):
+            runs = [(r, p) for r, p in zip(rep.runs, plain_runs) if r.category == cat]
+            t = sum(len(r.tokens) for r, _ in runs)
+            s = sum(r.seconds for r, _ in runs)
+            st = sum(r.steps for r, _ in runs)
+            by_cat[cat] = {"tokens_per_s": t / s if s else 0.0, "tau": t / st if st else None,
+                           "speedup_vs_plain": statistics.median(
+                               [(len(r.tokens) / r.seconds) / (len(p.tokens) / p.seconds)
+                                for r, p in runs if p.tokens and r.seconds]) if runs else None}
+        entry["per_category"] = by_cat
+        methods[name] = entry
+    return {"prompts": len(prompts), "max_tokens": max_tokens, "cost_curve_ms": {str(k): v for k, v in curve_ms.items()},
+            "methods": methods}
+
+
+def format_report(result: dict) -> str:
+    lines = ["| method | tokens/s | tau | speedup vs plain (median) | ceiling | head overhead | outputs = plain |",
+             "|---|---:|---:|---:|---:|---:|---|"]
+    for name, m in result["methods"].items():
+        tau = f"{m['tau']:.2f}" if m["tau"] else "n/a"
+        sp = f"{m['speedup_vs_plain']:.2f}x" if m["speedup_vs_plain"] is not None else "n/a"
+        ceil = f"{m['ceiling_speedup']:.2f}x" if m.get("ceiling_speedup") else ""
+        over = f"{100 * m['head_overhead_vs_plain_step']:.1f}%" if "head_overhead_vs_plain_step" in m else ""
+        match = "yes" if m["outputs_match_plain"] else f"no ({100 * m['match_rate']:.0f}% of prompts)"
+        lines.append(f"| {name} | {m['tokens_per_s']:.1f} | {tau} | {sp} | {ceil} | {over} | {match} |")
+    cats = sorted(next(iter(result["methods"].values()))["per_category"])
+    lines += ["", "| category | " + " | ".join(f"{n} tok/s (tau)" for n in result["methods"]) + " |",
+              "|---|" + "---:|" * len(result["methods"])]
+    for c in cats:
+        cells = []
+        for m in result["methods"].values():
+            pc = m["per_category"][c]
+            cells.append(f"{pc['tokens_per_s']:.1f} ({pc['tau']:.2f})" if pc["tau"] else f"{pc['tokens_per_s']:.1f}")
+        lines.append(f"| {c} | " + " | ".join(cells) + " |")
+    lines += ["", "Notes:"] + [f"- {n}: {m['note']}" for n, m in result["methods"].items()]
+    return "\n".join(lines)
+
+
+def plot_report(result: dict, png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(result["methods"])
+    cats = sorted(result["methods"][names[0]]["per_category"])
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.2), gridspec_kw={"width_ratios": [1, 2.2]})
+    ax1.bar(names, [result["methods"][n]["tokens_per_s"] for n in names], color=["#888", "#c96", "#69c", "#36a"])
+    ax1.set_ylabel("tokens/s"), ax1.set_title(f"all prompts ({result['prompts']}, greedy)")
+    ax1.tick_params(axis="x", rotation=25)
+    width = 0.8 / len(names)
+    for i, n in enumerate(names):
+        ax2.bar([c + i * width for c in range(len(cats))],
+                [result["methods"][n]["per_category"][c]["tokens_per_s"] for c in cats], width, label=n)
+    ax2.set_xticks([c + 0.4 - width / 2 for c in range(len(cats))], cats, rotation=30, ha="right")
+    ax2.set_ylabel("tokens/s"), ax2.set_title("per category"), ax2.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)

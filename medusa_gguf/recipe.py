@@ -1,0 +1,99 @@
+"""The recipe behind the heads shipped for the default model, reproducible from nothing:
+
+    medusa-gguf recipe default [--prompts N] [--epochs E] [--install]
+
+1. self-distillation: the embedded SmolLM2-135M-Instruct answers the project's training prompts
+   (medusa_gguf/prompts/train.jsonl; the held-out prompts are never used);
+2. hidden-state extraction; 3. training; 4. validation (inside training, every epoch);
+5. tree calibration against this machine's cost curve; then a report (REPORT.md) beside the heads.
+`--install` copies the heads, in fp16, to medusa_gguf/assets/, where the engine finds them for this model.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from .train_args import TrainArgs
+
+log = logging.getLogger(__name__)
+PROMPTS = Path(__file__).parent / "prompts" / "train.jsonl"
+
+
+def default_args(output_dir: Path, prompts: int, epochs: int, threads: int) -> TrainArgs:
+    return TrainArgs(
+        self_distill=True, prompts_file=str(PROMPTS), max_samples=prompts, distill_max_tokens=192,
+        output_dir=str(output_dir), cache_dir=str(output_dir / "cache"), k_heads=5, num_layers=1,
+        draft_vocab_size=8192, batch_size=8, learning_rate=1e-3, epochs=epochs, save_steps=200, threads=threads,
+    )
+
+
+def run_recipe(output_dir: Path, *, prompts: int, epochs: int, threads: int, install: bool, resume: bool = False) -> Path:
+    import torch
+
+    from .backend import Backend
+    from .engine import SHIPPED_HEADS, cost_curve, head_cost_ms
+    from .heads import load_heads, save_heads
+    from .models import output_matrix
+    from .settings import Settings
+    from .training import train
+    from .tree import calibrate_tree
+
+    args = replace(default_args(output_dir, prompts, epochs, threads), resume=resume)
+    t0 = time.perf_counter()
+    latest = train(args)
+    train_s = time.perf_counter() - t0
+    settings = Settings.from_env(n_threads=threads or None)
+    with Backend(settings) as backend:
+        heads = load_heads(latest, torch.from_numpy(output_matrix(backend.model_path)))
+        torch.set_num_threads(1)
+        curve = cost_curve(backend, settings)
+        head_ms = head_cost_ms(heads, backend.n_embd, heads.config.k_heads)
+    cal = calibrate_tree(heads.config.accuracy, curve.ms, max_depth=min(heads.config.k_heads, settings.max_tokens_per_step - 1),
+                         head_cost_ms=head_ms)
+    shipped = output_dir / "medusa_heads_shipped.pth"
+    save_heads(heads, shipped, half=True)
+    write_report(output_dir, args, heads.config, train_s, cal, head_ms, shipped)
+    if install:
+        SHIPPED_HEADS.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(shipped, SHIPPED_HEADS)
+        log.info("installed %s (%.1f MB)", SHIPPED_HEADS, SHIPPED_HEADS.stat().st_size / 1e6)
+    return shipped
+
+
+def write_report(out: Path, args: TrainArgs, config, train_s: float, cal, head_ms: float, shipped: Path) -> None:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    val = [r for r in rows if "top1" in r]
+    last = val[-1] if val else {}
+    manifest = json.loads((out / "cache" / "train-rank0" / "manifest.json").read_text())
+    lines = [
+        "# Training report: Medusa heads for SmolLM2-135M-Instruct (Q4_1)",
+        "",
+        f"Recipe: `medusa-gguf recipe default --prompts {args.max_samples} --epochs {args.epochs}`"
+        f" ({args.k_heads} heads, {args.num_layers} residual block each, draft vocabulary {args.draft_vocab_size},"
+        f" lr {args.learning_rate}, batch {args.batch_size} sequences).",
+        "",
+        f"- Data: {args.max_samples} prompts of medusa_gguf/prompts/train.jsonl, answered greedily by the model itself"
+        f" (at most {args.distill_max_tokens} tokens); {manifest['rows']} training positions from"
+        f" {manifest['sequences']} sequences; {last.get('val_positions', 0)} held-out positions.",
+        f"- Time on this machine (distillation, extraction and training): {train_s / 60:.1f} min.",
+        f"- Validation loss: {last.get('val_loss', float('nan')):.3f}.",
+        f"- Validation acceptance (tokens per greedy step, default tree): {last.get('val_acceptance', float('nan')):.3f}.",
+        "",
+        "| head | top-1 | top-5 |",
+        "|---:|---:|---:|",
+    ]
+    lines += [f"| {k + 1} | {t1:.3f} | {t5:.3f} |" for k, (t1, t5) in enumerate(zip(last.get("top1", []), last.get("top5", [])))]
+    lines += [
+        "",
+        f"Tree calibration on this machine (heads cost {head_ms:.2f} ms per step): {cal.reason}.",
+        "",
+        f"Heads file: `{shipped.name}`, {shipped.stat().st_size / 1e6:.1f} MB (fp16; the projection is the model's own"
+        " embedding matrix, read from the GGUF).",
+        "",
+        "![training curves](training_curves.png)",
+    ]
+    (out / "REPORT.md").write_text("\n".join(lines) + "\n")

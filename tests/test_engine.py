@@ -1,0 +1,98 @@
+"""How the engine chooses to decode: weights file, shipped heads bound to one model file, tree, fallbacks."""
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from medusa_gguf import engine as E
+from medusa_gguf.costs import CostCurve
+from medusa_gguf.heads import HeadsConfig, HeadsError, MedusaHeads, save_heads
+from medusa_gguf.settings import Settings
+
+from .conftest import TEST_SETTINGS
+
+LINEAR = {1: 10.0, 2: 20.0, 4: 40.0, 8: 80.0, 16: 160.0, 32: 320.0, 64: 640.0}  # n tokens cost n steps
+FLAT = {1: 10.0, 2: 10.0, 4: 10.0, 8: 10.0, 16: 10.5, 32: 11.0, 64: 12.0}  # a GPU-like curve
+
+
+@pytest.fixture
+def tiny_weights(tiny_run) -> Path:
+    return tiny_run[0] / "weights" / "medusa_heads_latest.pth"
+
+
+@pytest.fixture
+def no_shipped(monkeypatch, tmp_path):
+    monkeypatch.setattr(E, "SHIPPED_HEADS", tmp_path / "absent.pth")
+
+
+def settings(**kw) -> Settings:
+    return Settings(**TEST_SETTINGS, **kw)
+
+
+def fixed_curve(monkeypatch, ms: dict[int, float]) -> None:
+    monkeypatch.setattr(E, "cost_curve", lambda backend, s: CostCurve("m", 2, -1, 64, 1, ms))
+
+
+def test_absent_weights_mean_plain_decoding_with_the_reason(backend, no_shipped, tmp_path):
+    plan = E.plan_decoding(backend, settings(medusa_weights_path=tmp_path / "none.pth"))
+    assert plan.heads is None and f"no Medusa weights at {tmp_path / 'none.pth'}" in plan.reason
+
+
+def test_tree_plain_disables_heads(backend, tiny_weights):
+    plan = E.plan_decoding(backend, settings(medusa_weights_path=tiny_weights, tree="plain"))
+    assert plan.heads is None and "TREE=plain" in plan.reason
+
+
+def test_weights_for_another_model_are_an_error(backend, tmp_path):
+    cfg = HeadsConfig(k_heads=5, n_embd=32, n_vocab=100, hidden_dim=8, base_model_name="other.gguf")
+    path = tmp_path / "other.pth"
+    save_heads(MedusaHeads(cfg, torch.zeros(100, 32)), path)
+    with pytest.raises(HeadsError, match=r"width 32 \(other.gguf\); this model has width 576"):
+        E.plan_decoding(backend, settings(medusa_weights_path=path))
+
+
+def test_shipped_heads_are_used_only_for_their_model_file(backend, monkeypatch, tmp_path, tiny_weights):
+    from medusa_gguf.heads import read_heads_file
+
+    config, state = read_heads_file(tiny_weights)
+    foreign = tmp_path / "shipped.pth"
+    heads = MedusaHeads(replace(config, base_model_sha256="0" * 64, base_model_name="someone-else.gguf"),
+                        torch.zeros(49152, 576), state["draft_ids"])
+    save_heads(heads, foreign)
+    monkeypatch.setattr(E, "SHIPPED_HEADS", foreign)
+    plan = E.plan_decoding(backend, settings(medusa_weights_path=tmp_path / "none.pth"))
+    assert plan.heads is None and "trained for someone-else.gguf, not this model file" in plan.reason
+    monkeypatch.setattr(E, "SHIPPED_HEADS", tiny_weights)  # trained on this very file: its hash matches
+    fixed_curve(monkeypatch, FLAT)
+    plan = E.plan_decoding(backend, settings(medusa_weights_path=tmp_path / "none.pth"))
+    assert plan.heads is not None and plan.weights_path == tiny_weights
+
+
+def test_calibration_falls_back_when_no_tree_pays(backend, tiny_weights, monkeypatch):
+    fixed_curve(monkeypatch, LINEAR)
+    plan = E.plan_decoding(backend, settings(medusa_weights_path=tiny_weights))
+    assert plan.heads is None and plan.calibration is not None
+    assert "plain decoding" in plan.reason and "no tree beats plain decoding" in plan.reason
+
+
+def test_calibration_picks_a_tree_on_a_flat_curve(backend, tiny_weights, monkeypatch):
+    fixed_curve(monkeypatch, FLAT)
+    plan = E.plan_decoding(backend, settings(medusa_weights_path=tiny_weights, max_tokens_per_step=4))
+    assert plan.heads is not None and plan.tree.depth <= 3 and plan.tree.n_nodes > 2
+    assert plan.calibration.predicted_speedup > 1
+
+
+@pytest.mark.parametrize("tree, depth", [("chain", 3), ("default", 3), ("wide", 3)])
+def test_static_trees_are_cut_to_max_tokens_per_step(backend, tiny_weights, tree, depth):
+    plan = E.plan_decoding(backend, settings(medusa_weights_path=tiny_weights, tree=tree, max_tokens_per_step=4))
+    assert plan.heads is not None and plan.tree.depth == depth
+
+
+def test_tree_file_deeper_than_the_heads_is_an_error(backend, tiny_weights, tmp_path):
+    path = tmp_path / "deep.json"
+    path.write_text("[[0], [0, 0], [0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0]]")
+    with pytest.raises(ValueError, match="is 6 deep but .* has 5 heads"):
+        E.plan_decoding(backend, settings(medusa_weights_path=tiny_weights, tree=str(path)))
