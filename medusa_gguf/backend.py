@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import os
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,6 +96,14 @@ class _PendingTree:
     n_leaves: int
 
 
+def default_threads() -> int:
+    """Threads when N_THREADS is unset: every CPU up to 4, half of them beyond (hyperthreads rarely help).
+
+    llama.cpp's own default is 4 whatever the machine, which oversubscribes a 2-core box."""
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return n if n <= 4 else n // 2
+
+
 def tree_depths(parents: Sequence[int]) -> list[int]:
     """Depth of each node (0 for a root). Parents must come before their children."""
     depths: list[int] = []
@@ -142,7 +151,7 @@ class Backend:
         log.info(
             "loaded %s (%s, %.1f MB, vocab %d, width %d, %d layers) n_ctx=%d threads=%s gpu_layers=%d",
             self.model_path, self.info.architecture, self.info.size_bytes / 1e6, self.n_vocab, self.n_embd,
-            self.n_layer, self.n_ctx, settings.n_threads or "auto", settings.n_gpu_layers,
+            self.n_layer, self.n_ctx, settings.n_threads or default_threads(), settings.n_gpu_layers,
         )
 
     # -- loading ---------------------------------------------------------------------------------------------
@@ -175,8 +184,7 @@ class Backend:
         params.flash_attn_type = (
             lc.LLAMA_FLASH_ATTN_TYPE_ENABLED if self.flash_attn else lc.LLAMA_FLASH_ATTN_TYPE_DISABLED
         )
-        if self.settings.n_threads:
-            params.n_threads = params.n_threads_batch = self.settings.n_threads
+        params.n_threads = params.n_threads_batch = self.settings.n_threads or default_threads()
         params.no_perf = True
         self._ctx = lc.llama_init_from_model(self._model, params)
         if not self._ctx:
@@ -546,7 +554,8 @@ class PromptLookup:
         low.llama_model_default_params = patched
         try:
             self.llm = lc.Llama(
-                str(path), n_ctx=settings.n_ctx, n_threads=settings.n_threads, n_threads_batch=settings.n_threads,
+                str(path), n_ctx=settings.n_ctx, n_threads=settings.n_threads or default_threads(),
+                n_threads_batch=settings.n_threads or default_threads(),
                 n_gpu_layers=settings.n_gpu_layers, use_mmap=settings.use_mmap, use_mlock=settings.use_mlock,
                 draft_model=LlamaPromptLookupDecoding(num_pred_tokens=num_pred_tokens), verbose=False,
             )
