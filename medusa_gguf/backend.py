@@ -574,3 +574,21 @@ class PromptLookup:
 
     def close(self) -> None:
         self.llm.close()
+
+
+QUANT_TYPES = {"f16": lc.LLAMA_FTYPE_MOSTLY_F16, "q8_0": lc.LLAMA_FTYPE_MOSTLY_Q8_0, "q4_0": lc.LLAMA_FTYPE_MOSTLY_Q4_0}
+
+
+def quantize(src: Path, dst: Path, kind: str, n_threads: int = 0) -> None:
+    """Write a copy of `src` with another weight type (llama_model_quantize; requantizing is allowed, so a copy
+    of a 4-bit model keeps its 4-bit quality). For benchmarks on flatter cost curves."""
+    if kind not in QUANT_TYPES:
+        raise ValueError(f"unknown weight type {kind!r}; choose one of {', '.join(QUANT_TYPES)}")
+    inspect_gguf(src)
+    params = lc.llama_model_quantize_default_params()
+    params.ftype = QUANT_TYPES[kind]
+    params.allow_requantize = True
+    params.nthread = n_threads or default_threads()
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if lc.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params)) != 0:
+        raise BackendError(f"quantizing {src} to {kind} failed: {_recent_llama_errors()}")

@@ -125,6 +125,15 @@ def _cmd_recipe(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_quantize(args: argparse.Namespace) -> int:
+    from .backend import quantize
+    from .models import resolve_model_path
+
+    quantize(resolve_model_path(args.model), args.output, args.type, args.threads or 0)
+    print(f"wrote {args.output}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="medusa-gguf",
@@ -187,6 +196,13 @@ def build_parser() -> argparse.ArgumentParser:
     recipe.add_argument("--threads", type=int, default=0, help="CPU threads (0: defaults)")
     recipe.add_argument("-v", "--verbose", action="store_true", help="log debug lines")
     recipe.set_defaults(func=_cmd_recipe)
+
+    quant = sub.add_parser("quantize", help="write a copy of a GGUF with another weight type (f16, q8_0, q4_0)",
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    quant.add_argument("output", type=Path, help="the new GGUF file")
+    quant.add_argument("--type", required=True, choices=["f16", "q8_0", "q4_0"], help="weight type")
+    _add_model_args(quant)
+    quant.set_defaults(func=_cmd_quantize)
 
     from .train_args import build_parser as training_parser
 
