@@ -20,8 +20,8 @@ N_PROMPTS, N_TOKENS = 30, 128
 
 
 class OracleHeads:
-    """Fake heads that know the plain greedy continuation: rank 0 is right three times in four, and when it is
-    wrong rank 1 is right, so the verifier accepts deep paths, siblings and rejections in every pattern."""
+    """Fake heads that know the plain greedy continuation: rank 0 is right three times in four (at random), and
+    when it is wrong rank 1 is right, so the verifier accepts deep paths, siblings and rejections in every pattern."""
 
     def __init__(self, backend: Backend, prompt_len: int, truth: list[int], seed: int) -> None:
         self.backend, self.prompt_len, self.truth, self.seed = backend, prompt_len, truth, seed
@@ -33,7 +33,7 @@ class OracleHeads:
         for j in range(1, n_heads + 1):
             i = t + 1 + j - self.prompt_len  # index into the completion
             if 0 <= i < len(self.truth):
-                wrong = (i + self.seed) % 4 == 0
+                wrong = random.Random(i * 7919 + self.seed).random() < 0.25
                 out[j - 1, 0] = (self.truth[i] + 1) % self.backend.n_vocab if wrong else self.truth[i]
                 if wrong and k > 1:
                     out[j - 1, 1] = self.truth[i]
