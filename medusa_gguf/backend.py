@@ -31,6 +31,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -459,6 +460,33 @@ class Backend:
         if group:
             self._extract_group(sequences, group, results)
         return results  # type: ignore[return-value]
+
+    def raw_prefill_tokens_per_s(self, tokens: Sequence[int], chunk: int = 512) -> float:
+        """llama.cpp's plain batched prefill speed on this model, for comparison with `extract_hidden`: a fresh
+        context with default settings (no embeddings, logits of the last token only), chunks of `chunk`."""
+        params = lc.llama_context_default_params()
+        params.n_ctx = len(tokens) + chunk
+        params.n_batch = params.n_ubatch = chunk
+        params.n_threads = params.n_threads_batch = self.settings.n_threads or default_threads()
+        ctx = lc.llama_init_from_model(self._model, params)
+        if not ctx:
+            raise BackendError(f"could not create a context: {_recent_llama_errors()}")
+        batch = lc.llama_batch_init(chunk, 0, 1)
+        try:
+            t0 = time.perf_counter()
+            for start in range(0, len(tokens), chunk):
+                part = tokens[start : start + chunk]
+                for i, tok in enumerate(part):
+                    batch.token[i], batch.pos[i], batch.n_seq_id[i] = tok, start + i, 1
+                    batch.seq_id[i][0] = 0
+                    batch.logits[i] = i == len(part) - 1
+                batch.n_tokens = len(part)
+                if lc.llama_decode(ctx, batch) != 0:
+                    raise BackendError(f"raw prefill failed: {_recent_llama_errors()}")
+            return len(tokens) / (time.perf_counter() - t0)
+        finally:
+            lc.llama_batch_free(batch)
+            lc.llama_free(ctx)
 
     def greedy_batch(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:
         """Greedy continuations of many prompts at once, one stream per prompt (self-distillation).
