@@ -282,12 +282,16 @@ class Backend:
             b.logits[i] = True
         b.n_tokens = len(tokens)
 
-    def _decode(self, n: int, *, want_logits: bool = True) -> DecodeOutput:
+    def _run_batch(self, n: int) -> None:
+        """llama_decode the filled batch of n tokens; its error codes become exceptions that say what happened."""
         rc = lc.llama_decode(self._ctx, self._batch)
+        if rc == 1:
+            raise ContextLengthError(f"no room in the KV cache (n_ctx={self.n_ctx}) for {n} more tokens")
         if rc != 0:
-            if rc == 1:
-                raise ContextLengthError(f"no room in the KV cache (n_ctx={self.n_ctx}) for {n} more tokens")
             raise BackendError(f"llama_decode failed with code {rc}: {_recent_llama_errors()}")
+
+    def _decode(self, n: int, *, want_logits: bool = True) -> DecodeOutput:
+        self._run_batch(n)
         logits = (
             np.ctypeslib.as_array(lc.llama_get_logits(self._ctx), shape=(n, self.n_vocab)).copy()
             if want_logits
@@ -530,9 +534,7 @@ class Backend:
 
         With embeddings on, llama.cpp outputs every row anyway; only the asked-for rows are copied.
         """
-        rc = lc.llama_decode(self._ctx, self._batch)
-        if rc != 0:
-            raise BackendError(f"llama_decode failed with code {rc}: {_recent_llama_errors()}")
+        self._run_batch(self._batch.n_tokens)
         return np.stack([
             np.ctypeslib.as_array(lc.llama_get_logits_ith(self._ctx, i), shape=(self.n_vocab,)).copy() for i in rows
         ])

@@ -1,4 +1,5 @@
-"""Side-by-side benchmark: plain decoding, prompt lookup, Medusa with a static tree, Medusa with the calibrated tree.
+"""Side-by-side benchmark: plain decoding, prompt lookup, Medusa heads with a static and with the calibrated tree,
+and dependent heads with the same two trees (when dependent weights are given or shipped).
 
     medusa-gguf bench --prompts medusa_gguf/prompts/heldout.jsonl --max-tokens 128 --json bench.json --plot bench.png
 
@@ -21,12 +22,13 @@ from tqdm import tqdm
 
 from .backend import PromptLookup
 from .decoding import GenerationResult, SamplingParams
-from .engine import Engine, cost_curve, plan_decoding
+from .engine import SHIPPED_DEPENDENT_HEADS, Engine, cost_curve, plan_decoding
 from .settings import Settings
 from .tree import interpolate_cost
 
 log = logging.getLogger(__name__)
-METHODS = ("plain", "prompt_lookup", "medusa_static", "medusa_calibrated")
+METHODS = ("plain", "prompt_lookup", "medusa_static", "medusa_calibrated", "medusa_dependent",
+           "medusa_dependent_calibrated")
 
 
 @dataclass
@@ -62,12 +64,19 @@ def read_prompts(path: Path, limit: int = 0) -> list[dict]:
 
 
 def run_bench(settings: Settings, prompts: list[dict], max_tokens: int, *, static_tree: str = "default",
-              weights: Path | None = None) -> dict:
+              weights: Path | None = None, dependent_weights: Path | None = None) -> dict:
+    """Run every method on every prompt; `dependent_weights` defaults to the shipped dependent heads, if any."""
     engine = Engine(settings)
     backend = engine.backend
     curve = cost_curve(backend, settings)
-    static = plan_decoding(backend, settings, tree=static_tree, weights=weights)
-    calibrated = plan_decoding(backend, settings, tree="auto", weights=weights)
+    plans = {"medusa_static": plan_decoding(backend, settings, tree=static_tree, weights=weights),
+             "medusa_calibrated": plan_decoding(backend, settings, tree="auto", weights=weights)}
+    dependent = dependent_weights or (SHIPPED_DEPENDENT_HEADS if SHIPPED_DEPENDENT_HEADS.is_file() else None)
+    if dependent is not None:
+        plans["medusa_dependent"] = plan_decoding(backend, settings, tree=static_tree, weights=dependent)
+        plans["medusa_dependent_calibrated"] = plan_decoding(backend, settings, tree="auto", weights=dependent)
+    else:
+        log.info("no dependent heads given or shipped: the medusa_dependent methods are left out")
     lookup = PromptLookup(settings)
     params = SamplingParams(max_tokens=max_tokens)
     tokenized = [engine.chat_prompt([{"role": "user", "content": p["prompt"]}]) for p in prompts]
@@ -90,19 +99,18 @@ def run_bench(settings: Settings, prompts: list[dict], max_tokens: int, *, stati
         out = lookup.generate(tokens, max_tokens)
         return out, 0, 0.0  # its steps are not observable from outside llama-cpp-python
 
-    runners = {"plain": plain, "prompt_lookup": prompt_lookup, "medusa_static": medusa(static),
-               "medusa_calibrated": medusa(calibrated)}
+    runners = {"plain": plain, "prompt_lookup": prompt_lookup, **{name: medusa(plan) for name, plan in plans.items()}}
     reports = {
         "plain": MethodReport("plain", "llama.cpp greedy, one token per decode call"),
         "prompt_lookup": MethodReport("prompt_lookup", "llama-cpp-python LlamaPromptLookupDecoding(num_pred_tokens=10)"),
-        "medusa_static": MethodReport("medusa_static", static.reason, static.tree.n_nodes if static.tree else 1),
-        "medusa_calibrated": MethodReport("medusa_calibrated", calibrated.reason,
-                                          calibrated.tree.n_nodes if calibrated.tree else 1),
+        **{name: MethodReport(name, plan.reason, plan.tree.n_nodes if plan.tree else 1) for name, plan in plans.items()},
     }
-    for name in ("plain", "medusa_static", "medusa_calibrated"):  # warm-up: caches, allocations
-        runners[name](tokenized[0][:8])
+    methods = [m for m in METHODS if m in runners]
+    for name in methods:  # warm-up: caches, allocations
+        if name != "prompt_lookup":
+            runners[name](tokenized[0][:8])
     for i, (prompt, tokens) in enumerate(tqdm(list(zip(prompts, tokenized)), desc="bench", unit="prompt")):
-        order = METHODS[i % 4 :] + METHODS[: i % 4]
+        order = methods[i % len(methods) :] + methods[: i % len(methods)]
         for name in order:
             t0 = time.perf_counter()
             out, steps, heads_s = runners[name](tokens)
@@ -188,7 +196,8 @@ def plot_report(result: dict, png: Path) -> None:
     names = list(result["methods"])
     cats = sorted(result["methods"][names[0]]["per_category"])
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.2), gridspec_kw={"width_ratios": [1, 2.2]})
-    ax1.bar(names, [result["methods"][n]["tokens_per_s"] for n in names], color=["#888", "#c96", "#69c", "#36a"])
+    ax1.bar(names, [result["methods"][n]["tokens_per_s"] for n in names],
+            color=["#888", "#c96", "#69c", "#36a", "#6a6", "#2a5"][: len(names)])
     ax1.set_ylabel("tokens/s"), ax1.set_title(f"all prompts ({result['prompts']}, greedy)")
     ax1.tick_params(axis="x", rotation=25)
     width = 0.8 / len(names)

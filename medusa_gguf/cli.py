@@ -104,7 +104,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     result = run_bench(settings, read_prompts(args.prompts, args.limit), args.max_tokens, static_tree=args.static_tree,
-                       weights=args.weights)
+                       weights=args.weights, dependent_weights=args.dependent_weights)
     print(format_report(result))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -120,7 +120,7 @@ def _cmd_recipe(args: argparse.Namespace) -> int:
     from .recipe import run_recipe
 
     shipped = run_recipe(args.output_dir, prompts=args.prompts, epochs=args.epochs, threads=args.threads or 0,
-                         install=args.install, resume=args.resume)
+                         install=args.install, resume=args.resume, head_type=args.head_type)
     print(f"heads: {shipped}; report: {args.output_dir / 'REPORT.md'}")
     return 0
 
@@ -177,6 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--max-tokens", type=int, default=128, help="tokens generated per prompt")
     bench.add_argument("--limit", type=int, default=0, help="use this many prompts, spread over the file (0: all)")
     bench.add_argument("--weights", type=Path, default=None, help="Medusa weights [MEDUSA_WEIGHTS_PATH / shipped heads]")
+    bench.add_argument("--dependent-weights", type=Path, default=None,
+                       help="dependent heads for the medusa_dependent methods [the shipped dependent heads, if any]")
     bench.add_argument("--static-tree", default="default", help="static tree: default, wide, chain or a JSON file")
     bench.add_argument("--json", type=Path, default=None, help="write the results as JSON")
     bench.add_argument("--plot", type=Path, default=None, help="write a PNG chart")
@@ -190,6 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
     recipe.add_argument("name", choices=["default"], help="the recipe: 'default' = the embedded SmolLM2-135M model")
     recipe.add_argument("--prompts", type=int, default=3000, help="training prompts to self-distill")
     recipe.add_argument("--epochs", type=int, default=3, help="training epochs")
+    recipe.add_argument("--head-type", default="medusa", choices=["medusa", "dependent"],
+                        help="medusa: heads read h_t; dependent: also the drafted tokens on their path")
     recipe.add_argument("--output-dir", type=Path, default=Path("runs/recipe-default"), help="work folder")
     recipe.add_argument("--install", action="store_true", help="copy the heads into the package (medusa_gguf/assets)")
     recipe.add_argument("--resume", action="store_true", help="continue an interrupted run")

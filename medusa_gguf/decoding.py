@@ -16,7 +16,7 @@ from typing import Iterator, Protocol, Sequence
 import numpy as np
 
 from .backend import Backend, DecodeOutput
-from .tree import Tree, build_tree, node_tokens
+from .tree import Tree, build_tree
 
 
 @dataclass(frozen=True)
@@ -154,8 +154,8 @@ class MedusaStepper:
     """One Medusa step: heads guess, the tree is decoded in one call, the longest accepted path is committed.
 
     Index convention: `hidden` is h_t of the last committed token t; `pending` is token t+1 (sampled from h_t's
-    logits, not yet decoded). Head k reads h_t and guesses token t+1+k, so the tree's root is `pending` and its
-    depth-k nodes are head k's candidates. The deepest accepted node's hidden state feeds the next step: no
+    logits, not yet decoded). Head k reads h_t (dependent heads: also the tokens above it on the path) and
+    guesses token t+1+k, so the tree's root is `pending` and its depth-k nodes are head k's candidates. The deepest accepted node's hidden state feeds the next step: no
     extra forward pass.
     """
 
@@ -183,11 +183,7 @@ class MedusaStepper:
         room = self.backend.n_ctx - self.backend.n_past  # positions left, the root's included
         tree = self._tree(min(budget - 1, room - 1))
         t0 = time.perf_counter()
-        if tree.depth:
-            topk = self.heads.topk(self.hidden, max(tree.max_rank_per_depth), n_heads=tree.depth)  # [depth, k]
-            tokens = node_tokens(tree, self.pending, topk)
-        else:
-            tokens = [self.pending]
+        tokens = self.heads.draft(self.hidden, self.pending, tree) if tree.depth else [self.pending]
         t1 = time.perf_counter()
         out = self.backend.decode_tree(tokens, tree.parents)
         t2 = time.perf_counter()
@@ -231,17 +227,16 @@ class MedusaStepper:
             # Speculative sampling with deterministic drafts: try the children in rank order; child x is accepted
             # with probability p(x) under the residual distribution; a rejected x is removed and p renormalised.
             # Every token then comes out with exactly the base model's probability.
-            residual = dict(zip(ids.tolist(), p.tolist()))
+            residual, total = dict(zip(ids.tolist(), p.tolist())), 1.0  # unnormalised; `total` is its mass
             accepted = None
             for c in kids:
-                q = residual.get(tokens[c], 0.0)
-                if q > 0 and self.rng.random() < q:
+                q = residual.pop(tokens[c], 0.0)
+                if q <= 0:
+                    continue  # impossible under the base model (or a duplicate already rejected)
+                if self.rng.random() * total < q:
                     accepted = c
                     break
-                if q > 0:
-                    residual.pop(tokens[c])
-                    total = sum(residual.values())
-                    residual = {t: v / total for t, v in residual.items()}
+                total -= q
             if accepted is None:
                 toks, probs = np.fromiter(residual.keys(), dtype=np.int64), np.fromiter(residual.values(), dtype=float)
                 return node, int(toks[self.rng.choice(len(toks), p=probs / probs.sum())])

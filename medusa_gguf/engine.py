@@ -7,7 +7,7 @@ Choosing how to decode, in order:
 1. TREE=plain: plain decoding.
 2. Weights at MEDUSA_WEIGHTS_PATH if that file exists (a mismatch with the model is an error, not a fallback);
    else the heads shipped inside the package, if they were trained for this exact model file (same SHA-256);
-   else plain decoding.
+   else plain decoding. The file says its head type (Medusa or dependent); both decode through the same code.
 3. The tree: TREE=auto calibrates one from the heads' recorded accuracies and this machine's measured cost
    curve (cached per model and settings); it falls back to plain decoding when no tree is predicted to be
    faster. TREE=chain uses the top-1 chain, TREE=default and TREE=wide the static trees of `tree.py`, and
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,13 +28,15 @@ import numpy as np
 from .backend import Backend
 from .costs import CostCurve, measure_costs, save_curve
 from .decoding import GenerationResult, SamplingParams, generate
-from .models import file_sha256
+from .models import file_sha256, user_cache_dir
 from .settings import Settings
 from .tree import DEFAULT_CHOICES, WIDE_CHOICES, Calibration, Tree, build_tree, calibrate_tree, chain, load_choices
 
 log = logging.getLogger(__name__)
 
-SHIPPED_HEADS = Path(__file__).parent / "assets" / "smollm2-135m-instruct-q4_1.medusa.pth"
+ASSETS = Path(__file__).parent / "assets"
+SHIPPED_HEADS = ASSETS / "smollm2-135m-instruct-q4_1.medusa.pth"  # the default: see the README for why this type
+SHIPPED_DEPENDENT_HEADS = ASSETS / "smollm2-135m-instruct-q4_1.dependent.pth"
 CALIBRATION_SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 63)
 NAMED_TREES = {"default": DEFAULT_CHOICES, "wide": WIDE_CHOICES}
 
@@ -114,63 +115,72 @@ def plan_decoding(backend: Backend, settings: Settings, *, tree: str | None = No
             return DecodingPlan(None, None, f"plain decoding: no Medusa weights at {path}, and the shipped heads "
                                 f"were trained for {config.base_model_name}, not this model file")
         path = shipped
-    heads = _load(backend, path)
+    heads = load_heads_for(backend, path)
     max_depth = min(heads.config.k_heads, settings.max_tokens_per_step - 1)
     if max_depth < 1:
         return DecodingPlan(None, None, "plain decoding: MAX_TOKENS_PER_STEP=1 leaves no room for drafts")
     if tree_setting == "chain":
         t = chain(max_depth)
-        return DecodingPlan(heads, t, f"Medusa heads {path.name} with a top-1 chain of depth {t.depth}", path)
+        return DecodingPlan(heads, t, f"{heads.config.head_type} heads {path.name} with a top-1 chain of depth {t.depth}", path)
     if tree_setting in NAMED_TREES:
         t = build_tree(c for c in NAMED_TREES[tree_setting] if len(c) <= max_depth)
-        return DecodingPlan(heads, t, f"Medusa heads {path.name} with the static {tree_setting} tree "
+        return DecodingPlan(heads, t, f"{heads.config.head_type} heads {path.name} with the static {tree_setting} tree "
                             f"({t.n_nodes} nodes, depth {t.depth})", path)
     if tree_setting != "auto":
         t = load_choices(tree_setting)
         if t.depth > heads.config.k_heads:
             raise ValueError(f"tree {tree_setting} is {t.depth} deep but {path} has {heads.config.k_heads} heads")
         t = build_tree(c for c in t.choices if len(c) <= max_depth)
-        return DecodingPlan(heads, t, f"Medusa heads {path.name} with the tree from {tree_setting} "
+        return DecodingPlan(heads, t, f"{heads.config.head_type} heads {path.name} with the tree from {tree_setting} "
                             f"({t.n_nodes} nodes, depth {t.depth})", path)
     if not heads.config.accuracy:
         t = chain(min(max_depth, 2))
-        return DecodingPlan(heads, t, f"Medusa heads {path.name} carry no accuracies to calibrate with; "
+        return DecodingPlan(heads, t, f"{heads.config.head_type} heads {path.name} carry no accuracies to calibrate with; "
                             f"using a top-1 chain of depth {t.depth}", path)
     curve = cost_curve(backend, settings)
     head_ms = head_cost_ms(heads, backend.n_embd, max_depth)
     accuracy = [row for row in heads.config.accuracy[:max_depth]]
     cal = calibrate_tree(accuracy, curve.ms, max_depth=max_depth, head_cost_ms=head_ms)
     if cal.tree.depth == 0:
-        return DecodingPlan(None, None, f"plain decoding: {cal.reason} (heads {path.name}, heads cost "
-                            f"{head_ms:.2f} ms)", path, cal)
-    return DecodingPlan(heads, cal.tree, f"Medusa heads {path.name}, calibrated tree: {cal.reason}", path, cal)
+        return DecodingPlan(None, None, f"plain decoding: {cal.reason} (heads {path.name}, {heads.config.head_type} "
+                            f"type, cost {head_ms[0]:.2f}-{head_ms[-1]:.2f} ms per step by depth)", path, cal)
+    return DecodingPlan(heads, cal.tree, f"{heads.config.head_type} heads {path.name}, calibrated tree: {cal.reason}", path, cal)
 
 
-def _load(backend: Backend, path: Path):
+def load_heads_for(backend: Backend, path: Path):
+    """The heads in `path`, over this backend's model's own output matrix (and token embeddings, if dependent)."""
     import torch
 
     from .heads import load_heads
-    from .models import output_matrix
+    from .models import embedding_matrix, output_matrix
 
     torch.set_num_threads(1)  # the heads are a few small matmuls; more threads only fight llama.cpp's
-    return load_heads(path, torch.from_numpy(output_matrix(backend.model_path)))
+    return load_heads(path, torch.from_numpy(output_matrix(backend.model_path)),
+                      embeddings=lambda: torch.from_numpy(embedding_matrix(backend.model_path)))
 
 
-def head_cost_ms(heads, n_embd: int, depth: int, repeats: int = 30) -> float:
-    """Median time to score `depth` heads and take their top-k for one hidden state."""
+def head_cost_ms(heads, n_embd: int, max_depth: int, repeats: int = 30) -> list[float]:
+    """Median time to draft a top-1 chain of each depth 1..max_depth for one hidden state (entry d - 1).
+
+    Medusa heads score every head in one call; dependent heads run once per level, so their cost grows with depth.
+    """
     h = np.random.default_rng(0).standard_normal(n_embd).astype(np.float32)
-    times = []
-    for _ in range(repeats + 3):
-        t0 = time.perf_counter()
-        heads.topk(h, 8, n_heads=depth)
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times[3:]) * 1e3)
+    costs = []
+    for depth in range(1, max_depth + 1):
+        tree = chain(depth)
+        times = []
+        for _ in range(repeats + 3):
+            t0 = time.perf_counter()
+            heads.draft(h, 0, tree)
+            times.append(time.perf_counter() - t0)
+        costs.append(float(np.median(times[3:]) * 1e3))
+    return costs
 
 
 def cost_curve(backend: Backend, settings: Settings) -> CostCurve:
     """This machine's cost curve for this model and these settings, measured once and cached."""
     key = f"{file_sha256(backend.model_path)[:16]}-t{settings.n_threads or 0}-g{settings.n_gpu_layers}"
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "medusa-gguf" / "costs" / f"{key}.json"
+    cache = user_cache_dir() / "costs" / f"{key}.json"
     if cache.is_file():
         try:
             curve = CostCurve.from_json(json.loads(cache.read_text()))

@@ -3,6 +3,13 @@
 Index convention: h_t is the final hidden state at position t; the base lm_head maps h_t to token t+1; Medusa
 head k (k = 1..K, stored at index k-1) maps h_t to token t+1+k.
 
+Two head types share everything but their input:
+- "medusa": head k reads h_t alone, so one call scores every head and the tree is filled from each head's top-k.
+- "dependent" (Hydra-style, like EAGLE's shifted tokens): head k reads h_t + M_k [e(t+1); ...; e(t+k)], the
+  input embeddings of the tokens already fixed on its tree path (the root t+1, then the drafted ones), taken
+  from the GGUF's token-embedding table and frozen. M_k starts at zero, so an untrained dependent head is
+  exactly a Medusa head. The tree is drafted level by level: every node at depth d-1 is scored in one call.
+
 A head is `num_layers` bottleneck residual blocks, x + W_up SiLU(W_down x) with W_down [hidden_dim, n_embd] and
 W_up zero-initialised, so an untrained head is exactly the base lm_head. The projection is the base model's own
 output matrix, read from the GGUF and frozen (not stored in the weights file), optionally restricted to a draft
@@ -14,6 +21,7 @@ A weights file is `torch.save({"format": ..., "config": {...}, "state_dict": {..
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -23,6 +31,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+
+from .tree import Tree, node_tokens
 
 FORMAT = "medusa-gguf-heads/1"
 
@@ -95,28 +105,150 @@ class MedusaHeads(nn.Module):
         else:
             self.register_buffer("projection", proj, persistent=False)  # frozen, rebuilt from the GGUF
 
-    def features(self, hidden: torch.Tensor) -> torch.Tensor:  # hidden: [..., n_embd] -> [..., K, n_embd]
+    def features(self, hidden: torch.Tensor, future: torch.Tensor | None = None) -> torch.Tensor:
+        """hidden [..., n_embd] -> [..., K, n_embd]. Medusa heads ignore `future` (teacher tokens)."""
         return torch.stack([blocks(hidden) for blocks in self.blocks], dim=-2)
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # -> [..., K, V_draft]
-        x = self.features(hidden)
-        if self.config.own_lm_head:  # x: [..., K, n_embd], lm_heads: [K, V_draft, n_embd]
-            return torch.einsum("...kd,kvd->...kv", x, self.lm_heads)
-        return x @ self.projection.T
+    def forward(self, hidden: torch.Tensor, future: torch.Tensor | None = None) -> torch.Tensor:  # -> [..., K, V_draft]
+        """Logits of every head. `future` [..., >= K] holds tokens t+1..t+K (teacher forcing; dependent heads)."""
+        return self._project(self.features(hidden, future))
+
+    def _project(self, x: torch.Tensor, head: int | None = None) -> torch.Tensor:
+        """x [..., K, n_embd] (or [..., n_embd] for one `head`) -> logits over the draft vocabulary."""
+        if not self.config.own_lm_head:
+            return x @ self.projection.T
+        if head is not None:
+            return x @ self.lm_heads[head].T
+        return torch.einsum("...kd,kvd->...kv", x, self.lm_heads)  # lm_heads: [K, V_draft, n_embd]
+
+    @torch.inference_mode()
+    def draft(self, hidden: np.ndarray, root: int, tree: Tree) -> list[int]:
+        """The token of every node of `tree`, root first: node (.., r) at depth d is head d's rank-r candidate."""
+        if tree.depth == 0:
+            return [int(root)]
+        return node_tokens(tree, root, self.topk(hidden, max(tree.max_rank_per_depth), n_heads=tree.depth))
 
     @torch.inference_mode()
     def topk(self, hidden: np.ndarray, k: int, n_heads: int | None = None) -> np.ndarray:
         """Full-vocabulary ids of each head's k best candidates for one hidden state [n_embd] -> [K, k]."""
         n = n_heads or self.config.k_heads
-        h = torch.from_numpy(np.ascontiguousarray(hidden, dtype=np.float32))
-        x = torch.stack([self.blocks[i](h) for i in range(n)])  # [n, n_embd]
-        logits = x @ self.projection.T if not self.config.own_lm_head else torch.einsum("kd,kvd->kv", x, self.lm_heads[:n])
+        fast = self._inference_weights()
+        x = torch.from_numpy(np.ascontiguousarray(hidden, dtype=np.float32)).expand(n, -1)  # [n, n_embd]
+        for w_down, b_down, w_up, b_up in fast.layers:  # every head's block in one batched product
+            z = nn.functional.silu(torch.baddbmm(b_down[:n], w_down[:n], x.unsqueeze(-1)))  # [n, hidden, 1]
+            x = x + torch.baddbmm(b_up[:n], w_up[:n], z).squeeze(-1)
+        logits = torch.bmm(x.unsqueeze(1), fast.projection_t[:n]).squeeze(1) if self.config.own_lm_head \
+            else x @ fast.projection_t
         idx = torch.topk(logits, k, dim=-1).indices  # [n, k] in draft space
         return self.draft_ids[idx].numpy()
+
+    def _inference_weights(self) -> "_InferenceWeights":
+        """The weights rearranged for one-token inference (stacked per layer, projection transposed), rebuilt
+        whenever a parameter changed since the last call."""
+        version = tuple(p._version for p in self.parameters())
+        cached = getattr(self, "_fast", None)
+        if cached is None or cached.version != version:
+            with torch.no_grad():
+                layers = tuple(
+                    (torch.stack([self.blocks[k][l].down.weight for k in range(self.config.k_heads)]).contiguous(),
+                     torch.stack([self.blocks[k][l].down.bias for k in range(self.config.k_heads)]).unsqueeze(-1),
+                     torch.stack([self.blocks[k][l].up.weight for k in range(self.config.k_heads)]).contiguous(),
+                     torch.stack([self.blocks[k][l].up.bias for k in range(self.config.k_heads)]).unsqueeze(-1))
+                    for l in range(self.config.num_layers))
+                proj_t = self.lm_heads.transpose(1, 2).contiguous() if self.config.own_lm_head \
+                    else self.projection.T.contiguous()  # [K, D, V] or [D, V]
+                mix_t = tuple(m.weight.T.contiguous() for m in getattr(self, "mix", ()))
+            cached = _InferenceWeights(version, layers, proj_t, mix_t)
+            self._fast = cached
+        return cached
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """Everything the weights file stores: the blocks, the draft ids, and own projections if any."""
         return {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+
+
+class DependentHeads(MedusaHeads):
+    """Heads that also read the embeddings of the tokens fixed before them on the tree path (see the docstring)."""
+
+    def __init__(self, config: HeadsConfig, projection: torch.Tensor, embeddings: torch.Tensor,
+                 draft_ids: torch.Tensor | None = None) -> None:
+        super().__init__(config, projection, draft_ids)
+        c = config
+        if tuple(embeddings.shape) != (c.n_vocab, c.n_embd):
+            raise HeadsError(f"token embeddings have shape {tuple(embeddings.shape)}; "
+                             f"expected [{c.n_vocab}, {c.n_embd}]")
+        # Frozen and not stored in the weights file: rebuilt from the GGUF. fp16 halves its memory.
+        self.register_buffer("embeddings", embeddings.to(torch.float16), persistent=False)
+        self.mix = nn.ModuleList(nn.Linear(k * c.n_embd, c.n_embd, bias=False) for k in range(1, c.k_heads + 1))
+        for m in self.mix:
+            nn.init.zeros_(m.weight)
+
+    def head_input(self, head: int, hidden: torch.Tensor, path: torch.Tensor) -> torch.Tensor:
+        """Input of head `head` (0-based): hidden [..., n_embd] + M [e(path_1); ...; e(path_k)], path [..., k]."""
+        e = self.embeddings[path.clamp(min=0)].float()  # [..., k, n_embd]; -1 (past the end) reads token 0
+        return hidden + self.mix[head](e.flatten(-2))
+
+    def features(self, hidden: torch.Tensor, future: torch.Tensor | None = None) -> torch.Tensor:
+        if future is None:
+            raise ValueError("dependent heads need the tokens t+1..t+K (teacher forcing) to score every head")
+        k_heads = self.config.k_heads
+        if future.shape[-1] < k_heads:
+            raise ValueError(f"dependent heads need {k_heads} future tokens, got {future.shape[-1]}")
+        return torch.stack([self.blocks[i](self.head_input(i, hidden, future[..., : i + 1].long()))
+                            for i in range(k_heads)], dim=-2)
+
+    @torch.inference_mode()
+    def topk(self, hidden: np.ndarray, k: int, n_heads: int | None = None) -> np.ndarray:
+        raise TypeError("dependent heads' candidates depend on the tree path; use draft(hidden, root, tree)")
+
+    @torch.inference_mode()
+    def draft(self, hidden: np.ndarray, root: int, tree: Tree) -> list[int]:
+        """Level by level: the parents at depth d-1 are scored by head d in one batched call."""
+        tokens = [int(root)] + [0] * (tree.n_nodes - 1)
+        if tree.depth == 0:
+            return tokens
+        fast = self._inference_weights()
+        h = torch.from_numpy(np.ascontiguousarray(hidden, dtype=np.float32))
+        paths = {0: [int(root)]}
+        for i, level in enumerate(_levels(tree)):  # head i + 1 scores the nodes at depth i
+            path = torch.tensor([paths[p] for p in level.parents])  # [P, i + 1]
+            x = torch.addmm(h, self.embeddings[path].flatten(1).float(), fast.mix_t[i])  # [P, n_embd]
+            for w_down, b_down, w_up, b_up in fast.layers:
+                z = nn.functional.silu(torch.addmm(b_down[i, :, 0], x, w_down[i].T))
+                x = x + torch.addmm(b_up[i, :, 0], z, w_up[i].T)
+            logits = x @ (fast.projection_t[i] if self.config.own_lm_head else fast.projection_t)
+            ids = self.draft_ids[torch.topk(logits, level.max_rank, dim=-1).indices].tolist()  # [P, k] full ids
+            for node, row, rank in level.children:
+                tokens[node] = ids[row][rank]
+                paths[node] = paths[level.parents[row]] + [tokens[node]]
+        return tokens
+
+
+@dataclass(frozen=True)
+class _InferenceWeights:
+    version: tuple[int, ...]  # parameter versions these were built from
+    layers: tuple[tuple[torch.Tensor, ...], ...]  # per layer: W_down [K, H, D], b_down [K, H, 1], W_up [K, D, H], b_up [K, D, 1]
+    projection_t: torch.Tensor  # [D, V_draft], or [K, D, V_draft] with own projections
+    mix_t: tuple[torch.Tensor, ...]  # dependent heads: M_k transposed [k * D, D]
+
+
+@dataclass(frozen=True)
+class _Level:
+    parents: tuple[int, ...]  # nodes at depth d-1 with children at depth d
+    children: tuple[tuple[int, int, int], ...]  # (node, row of its parent in `parents`, rank)
+    max_rank: int  # candidates needed per parent
+
+
+@functools.lru_cache(maxsize=64)
+def _levels(tree: Tree) -> tuple[_Level, ...]:
+    levels = []
+    for d in range(1, tree.depth + 1):
+        nodes = [i for i in range(tree.n_nodes) if tree.depths[i] == d]
+        parents = tuple(sorted({tree.parents[i] for i in nodes}))
+        row = {p: j for j, p in enumerate(parents)}
+        children = tuple((i, row[tree.parents[i]], tree.ranks[i]) for i in nodes)
+        levels.append(_Level(parents, children, max(tree.ranks[i] for i in nodes) + 1))
+    return tuple(levels)
 
 
 # -- files -------------------------------------------------------------------------------------------------------
@@ -192,15 +324,26 @@ def check_compatible(config: HeadsConfig, path: Path, *, n_embd: int, n_vocab: i
                          "the number of heads must match between training and inference")
 
 
-def load_heads(path: Path, projection: torch.Tensor, *, k_heads: int | None = None) -> MedusaHeads:
-    """Rebuild MedusaHeads from a weights file; `projection` is the base output matrix [n_vocab, n_embd]."""
+def build_heads(config: HeadsConfig, projection: torch.Tensor, embeddings=None,
+                draft_ids: torch.Tensor | None = None) -> MedusaHeads:
+    """Heads of `config.head_type`. `embeddings` (a tensor, or a callable returning one) is read only when needed."""
+    if config.head_type == "medusa":
+        return MedusaHeads(config, projection, draft_ids)
+    if embeddings is None:
+        raise HeadsError("dependent heads need the base model's token embeddings")
+    return DependentHeads(config, projection, embeddings() if callable(embeddings) else embeddings, draft_ids)
+
+
+def load_heads(path: Path, projection: torch.Tensor, *, embeddings=None, k_heads: int | None = None) -> MedusaHeads:
+    """Rebuild heads from a weights file; `projection` is the base output matrix [n_vocab, n_embd] and
+    `embeddings` its token-embedding table (or a callable giving it), needed by dependent heads only."""
     config, state = read_heads_file(path)
     n_vocab, n_embd = projection.shape
     check_compatible(config, path, n_embd=n_embd, n_vocab=n_vocab, k_heads=k_heads)
-    heads = MedusaHeads(config, projection, state.get("draft_ids"))
+    heads = build_heads(config, projection, embeddings, state.get("draft_ids"))
     missing, unexpected = heads.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()},
                                                 strict=False)
-    missing = [m for m in missing if m != "projection"]
+    missing = [m for m in missing if m not in ("projection", "embeddings")]
     if missing or unexpected:
         raise HeadsError(f"{path} does not match its own config: missing {missing}, unexpected {unexpected}")
     return heads.eval()

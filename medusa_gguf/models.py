@@ -162,16 +162,31 @@ def output_matrix(path: Path) -> np.ndarray:
 
     Models with tied embeddings have no `output.weight`; their lm_head is `token_embd.weight`.
     """
+    info = inspect_gguf(path)
+    name = "output.weight" if "output.weight" in info.tensors else "token_embd.weight"
+    return _dequantized(path, info, name)
+
+
+def embedding_matrix(path: Path) -> np.ndarray:
+    """The input token embeddings [n_vocab, n_embd] (`token_embd.weight`) as float32."""
+    return _dequantized(path, inspect_gguf(path), "token_embd.weight")
+
+
+def _dequantized(path: Path, info: "GGUFInfo", name: str) -> np.ndarray:
     from gguf.quants import dequantize
 
-    info = inspect_gguf(path)
-    tensor = info.tensors.get("output.weight") or info.tensors.get("token_embd.weight")
+    tensor = info.tensors.get(name)
     if tensor is None:
-        raise ModelFileError(f"{path} has neither output.weight nor token_embd.weight")
+        raise ModelFileError(f"{path} has no {name} tensor")
     n_embd, n_vocab = tensor.shape
     data = np.memmap(path, dtype=np.uint8, mode="r", offset=tensor.offset, shape=(tensor.n_bytes,))
     rows = data.reshape(n_vocab, tensor.n_bytes // n_vocab)
     return np.asarray(dequantize(rows, tensor.ggml_type), dtype=np.float32).reshape(n_vocab, n_embd)
+
+
+def user_cache_dir() -> Path:
+    """$XDG_CACHE_HOME/medusa-gguf (default ~/.cache/medusa-gguf): measurements and hashes worth keeping."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "medusa-gguf"
 
 
 def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
@@ -182,7 +197,7 @@ def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
     """
     path = Path(path).resolve()
     st = path.stat()
-    cache_file = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "medusa-gguf" / "sha256.json"
+    cache_file = user_cache_dir() / "sha256.json"
     key = f"{path}|{st.st_size}|{st.st_mtime_ns}"
     try:
         cache = json.loads(cache_file.read_text())

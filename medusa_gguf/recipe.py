@@ -23,33 +23,30 @@ log = logging.getLogger(__name__)
 PROMPTS = Path(__file__).parent / "prompts" / "train.jsonl"
 
 
-def default_args(output_dir: Path, prompts: int, epochs: int, threads: int) -> TrainArgs:
+def default_args(output_dir: Path, prompts: int, epochs: int, threads: int, head_type: str = "medusa") -> TrainArgs:
     return TrainArgs(
         self_distill=True, prompts_file=str(PROMPTS), max_samples=prompts, distill_max_tokens=192,
-        output_dir=str(output_dir), cache_dir=str(output_dir / "cache"), k_heads=5, num_layers=1,
-        draft_vocab_size=8192, batch_size=8, learning_rate=1e-3, epochs=epochs, save_steps=200, threads=threads,
+        output_dir=str(output_dir), cache_dir=str(output_dir / "cache"), k_heads=5, head_type=head_type, num_layers=1,
+        draft_vocab_size=4096, batch_size=4, learning_rate=1e-3, epochs=epochs, save_steps=200, threads=threads,
     )
 
 
-def run_recipe(output_dir: Path, *, prompts: int, epochs: int, threads: int, install: bool, resume: bool = False) -> Path:
-    import torch
-
+def run_recipe(output_dir: Path, *, prompts: int, epochs: int, threads: int, install: bool, resume: bool = False,
+               head_type: str = "medusa") -> Path:
     from .backend import Backend
-    from .engine import SHIPPED_HEADS, cost_curve, head_cost_ms
-    from .heads import load_heads, save_heads
-    from .models import output_matrix
+    from .engine import SHIPPED_HEADS, cost_curve, head_cost_ms, load_heads_for
+    from .heads import save_heads
     from .settings import Settings
     from .training import train
     from .tree import calibrate_tree
 
-    args = replace(default_args(output_dir, prompts, epochs, threads), resume=resume)
+    args = replace(default_args(output_dir, prompts, epochs, threads, head_type), resume=resume)
     t0 = time.perf_counter()
     latest = train(args)
     train_s = time.perf_counter() - t0
     settings = Settings.from_env(n_threads=threads or None)
     with Backend(settings) as backend:
-        heads = load_heads(latest, torch.from_numpy(output_matrix(backend.model_path)))
-        torch.set_num_threads(1)
+        heads = load_heads_for(backend, latest)
         curve = cost_curve(backend, settings)
         head_ms = head_cost_ms(heads, backend.n_embd, heads.config.k_heads)
     cal = calibrate_tree(heads.config.accuracy, curve.ms, max_depth=min(heads.config.k_heads, settings.max_tokens_per_step - 1),
@@ -64,7 +61,7 @@ def run_recipe(output_dir: Path, *, prompts: int, epochs: int, threads: int, ins
     return shipped
 
 
-def write_report(out: Path, args: TrainArgs, config, train_s: float, cal, head_ms: float, shipped: Path) -> None:
+def write_report(out: Path, args: TrainArgs, config, train_s: float, cal, head_ms: list[float], shipped: Path) -> None:
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     val = [r for r in rows if "top1" in r]
     last = val[-1] if val else {}
@@ -72,8 +69,9 @@ def write_report(out: Path, args: TrainArgs, config, train_s: float, cal, head_m
     lines = [
         "# Training report: Medusa heads for SmolLM2-135M-Instruct (Q4_1)",
         "",
-        f"Recipe: `medusa-gguf recipe default --prompts {args.max_samples} --epochs {args.epochs}`"
-        f" ({args.k_heads} heads, {args.num_layers} residual block each, draft vocabulary {args.draft_vocab_size},"
+        f"Recipe: `medusa-gguf recipe default --prompts {args.max_samples} --epochs {args.epochs}"
+        f" --head-type {args.head_type}`"
+        f" ({args.k_heads} {args.head_type} heads, {args.num_layers} residual block each, draft vocabulary {args.draft_vocab_size},"
         f" lr {args.learning_rate}, batch {args.batch_size} sequences).",
         "",
         f"- Data: {args.max_samples} prompts of medusa_gguf/prompts/train.jsonl, answered greedily by the model itself"
@@ -89,7 +87,8 @@ def write_report(out: Path, args: TrainArgs, config, train_s: float, cal, head_m
     lines += [f"| {k + 1} | {t1:.3f} | {t5:.3f} |" for k, (t1, t5) in enumerate(zip(last.get("top1", []), last.get("top5", [])))]
     lines += [
         "",
-        f"Tree calibration on this machine (heads cost {head_ms:.2f} ms per step): {cal.reason}.",
+        f"Tree calibration on this machine (heads cost {' / '.join(f'{m:.2f}' for m in head_ms)} ms per step for"
+        f" drafts of depth 1..{len(head_ms)}): {cal.reason}.",
         "",
         f"Heads file: `{shipped.name}`, {shipped.stat().st_size / 1e6:.1f} MB (fp16; the projection is the model's own"
         " embedding matrix, read from the GGUF).",

@@ -29,9 +29,11 @@ class TrainArgs:
     distill_max_tokens: int = 256
     max_seq_len: int = 512
     val_fraction: float = 0.05
+    max_train_sequences: int = 0  # 0: all; else train on the first N sequences only (data-size curves)
     output_dir: str = "medusa_heads_weights"
     cache_dir: str | None = None  # default: <output_dir>/cache
     k_heads: int = 5
+    head_type: str = "medusa"  # "medusa" or "dependent"
     num_layers: int = 1
     hidden_dim: int = 0  # 0: half the base model's width
     own_lm_head: bool = False
@@ -70,8 +72,14 @@ def build_parser(prog: str = "train_medusa.py") -> argparse.ArgumentParser:
     g.add_argument("--distill_max_tokens", type=int, default=d.distill_max_tokens, help="answer length cap (default: %(default)s)")
     g.add_argument("--max_seq_len", type=int, default=d.max_seq_len, help="tokens per training sequence (default: %(default)s)")
     g.add_argument("--val_fraction", type=float, default=d.val_fraction, help="held-out share of sequences (default: %(default)s)")
+    g.add_argument("--max_train_sequences", type=int, default=0,
+                   help="train on the first N training sequences only, same hidden-state cache and validation set "
+                        "(for data-size curves; 0: all)")
     h = p.add_argument_group("heads")
     h.add_argument("--k_heads", type=int, default=d.k_heads, help="number of heads (default: %(default)s)")
+    h.add_argument("--head_type", default=d.head_type, choices=["medusa", "dependent"],
+                   help="medusa: head k reads h_t; dependent: also the embeddings of tokens t+1..t+k on its tree path "
+                        "(default: %(default)s)")
     h.add_argument("--num_layers", type=int, default=d.num_layers, help="residual blocks per head (default: %(default)s)")
     h.add_argument("--hidden_dim", type=int, default=0, help="block width (default: half the base model's width)")
     h.add_argument("--own_lm_head", action="store_true", help="train a projection per head instead of sharing the base one")

@@ -25,8 +25,8 @@ from torch import nn
 from tqdm import tqdm
 
 from . import data as D
-from .heads import HeadsConfig, MedusaHeads, atomic_torch_save, save_heads
-from .models import file_sha256, output_matrix, resolve_model_path
+from .heads import HeadsConfig, MedusaHeads, atomic_torch_save, build_heads, save_heads
+from .models import embedding_matrix, file_sha256, output_matrix, resolve_model_path
 from .settings import Settings
 from .train_args import TrainArgs
 from .tree import DEFAULT_CHOICES, build_tree
@@ -90,20 +90,38 @@ def gather_samples(args: TrainArgs, backend, cache: Path) -> list[D.Sample]:
     return samples
 
 
-def batches(paths: list[Path], batch_size: int, epoch: int, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Micro-batches of `batch_size` whole sequences, shard order and sequence order shuffled per epoch."""
+def sequences_per_shard(paths: list[Path], max_sequences: int = 0) -> list[int]:
+    """Sequences used from each shard: all of them, or the first `max_sequences` in shard order (0: no limit).
+    Reads only each shard's offsets."""
+    from safetensors import safe_open
+
+    counts = []
+    for p in paths:
+        with safe_open(str(p), framework="np") as f:
+            counts.append(len(f.get_tensor("offsets")) - 1)
+    if max_sequences:
+        left = max_sequences
+        used = []
+        for c in counts:
+            used.append(min(c, left))
+            left -= used[-1]
+        counts = used
+    return counts
+
+
+def batches(paths: list[Path], batch_size: int, epoch: int, seed: int,
+            per_shard: list[int] | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Micro-batches of `batch_size` whole sequences, shard order and sequence order shuffled per epoch.
+    `per_shard` limits the sequences taken from each shard (see `sequences_per_shard`)."""
     gen = torch.Generator().manual_seed(seed * 1000 + epoch)
     for si in torch.randperm(len(paths), generator=gen).tolist():
         shard = D.read_shard(paths[si])
         offsets = shard["offsets"]
-        order = torch.randperm(len(offsets) - 1, generator=gen).tolist()
+        n = len(offsets) - 1 if per_shard is None else per_shard[si]
+        order = torch.randperm(n, generator=gen).tolist()
         for b in range(0, len(order), batch_size):
             rows = np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in order[b : b + batch_size]])
             yield torch.from_numpy(shard["hidden"][rows]), torch.from_numpy(shard["future"][rows])
-
-
-def count_batches(paths: list[Path], batch_size: int) -> int:
-    return sum(math.ceil((len(D.read_shard(p)["offsets"]) - 1) / batch_size) for p in paths)
 
 
 # -- loss and metrics ----------------------------------------------------------------------------------------------
@@ -134,7 +152,11 @@ def medusa_loss(logits: torch.Tensor, targets: torch.Tensor, decay: float) -> tu
 @torch.no_grad()
 def evaluate(heads: MedusaHeads, paths: list[Path], device: torch.device, decay: float, batch_size: int) -> dict[str, Any]:
     """Validation loss, per-head top-1/top-5 accuracy, rank accuracies and the greedy acceptance (tau) of the
-    default tree on held-out text. Accuracy counts every position, draft-vocabulary misses included."""
+    default tree on held-out text. Accuracy counts every position, draft-vocabulary misses included.
+
+    Dependent heads are scored with the true earlier tokens as their path (teacher forcing), so their accuracy is
+    conditional on the earlier tokens being right: what the tree calibration multiplies along a path. The
+    acceptance is exact for both types, since a node's candidates only count when its whole path was right."""
     heads.eval()
     tree = build_tree(DEFAULT_CHOICES)
     k_heads = heads.config.k_heads
@@ -144,7 +166,7 @@ def evaluate(heads: MedusaHeads, paths: list[Path], device: torch.device, decay:
     loss_sum, loss_n, accepted_sum, positions = 0.0, 0, 0.0, 0
     for hidden, future in batches(paths, batch_size, epoch=0, seed=12345):
         hidden, future = hidden.to(device).float(), future.to(device).long()
-        logits = heads(hidden)  # [N, K, V]
+        logits = heads(hidden, future[:, :k_heads])  # [N, K, V]; dependent heads: given the true earlier tokens
         targets = draft_targets(future, full_to_draft.to(device), k_heads)
         loss, _ = medusa_loss(logits, targets, decay)
         loss_sum, loss_n = loss_sum + float(loss) * len(hidden), loss_n + len(hidden)
@@ -248,17 +270,21 @@ def train(args: TrainArgs) -> Path:
         log.info("draft vocabulary: %d tokens cover %.1f%% of training targets", len(draft_ids), 100 * covered)
     config = HeadsConfig(
         k_heads=args.k_heads, n_embd=n_embd, n_vocab=n_vocab, hidden_dim=args.hidden_dim or n_embd // 2,
-        num_layers=args.num_layers, own_lm_head=args.own_lm_head,
+        num_layers=args.num_layers, head_type=args.head_type, own_lm_head=args.own_lm_head,
         draft_vocab_size=len(draft_ids) if draft_ids is not None else 0,
         base_model_name=model_path.name, base_model_sha256=model_sha, training_args=asdict(args),
     )
-    heads = MedusaHeads(config, projection, draft_ids).to(device)
+    heads = build_heads(config, projection, lambda: torch.from_numpy(embedding_matrix(model_path)), draft_ids).to(device)
     model: nn.Module = heads
     if dist.world > 1:
         model = nn.parallel.DistributedDataParallel(heads, broadcast_buffers=False)
     full_to_draft = _full_to_draft(heads).to(device)
 
-    micro_per_epoch = count_batches(train_paths, args.batch_size)
+    per_shard = sequences_per_shard(train_paths, args.max_train_sequences)
+    if args.max_train_sequences:
+        log.info("rank %d: training on the first %d of %d sequences (--max_train_sequences)", dist.rank,
+                 sum(per_shard), train_manifest.sequences)
+    micro_per_epoch = sum(math.ceil(n / args.batch_size) for n in per_shard)
     if dist.world > 1:  # every rank must take the same number of steps
         n = torch.tensor([micro_per_epoch])
         torch.distributed.all_reduce(n, op=torch.distributed.ReduceOp.MIN)
@@ -313,7 +339,7 @@ def train(args: TrainArgs) -> Path:
         bar.update(start_micro // args.grad_accum)
         rows_seen, t0 = 0, time.perf_counter()
         optim.zero_grad(set_to_none=True)
-        for micro, (hidden, future) in enumerate(batches(train_paths, args.batch_size, epoch, args.seed)):
+        for micro, (hidden, future) in enumerate(batches(train_paths, args.batch_size, epoch, args.seed, per_shard)):
             if micro >= steps_per_epoch * args.grad_accum:
                 break
             if micro < start_micro:
@@ -321,7 +347,7 @@ def train(args: TrainArgs) -> Path:
             hidden, future = hidden.to(device).float(), future.to(device)
             targets = draft_targets(future, full_to_draft, args.k_heads)
             with autocast:
-                logits = model(hidden)
+                logits = model(hidden, future[:, : args.k_heads])
             loss, per_head = medusa_loss(logits, targets, args.loss_decay)
             (loss / args.grad_accum).backward()
             rows_seen += len(hidden)

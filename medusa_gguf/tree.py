@@ -255,14 +255,19 @@ def calibrate_tree(
     *,
     max_depth: int,
     max_nodes: int = 63,
-    head_cost_ms: float = 0.0,
+    head_cost_ms: float | Sequence[float] = 0.0,
     margin: float = 1.02,
 ) -> Calibration:
     """The tree that maximises expected tokens per second on this machine, or `plain()` if none beats it by `margin`.
 
-    A Medusa step costs interpolate_cost(curve, n_nodes) + head_cost_ms; a plain step costs interpolate_cost(curve, 1)
-    and yields one token. The root-only tree runs no heads, so it is plain decoding (table row n_nodes=1).
+    A Medusa step costs interpolate_cost(curve, n_nodes) + the heads' cost; a plain step costs
+    interpolate_cost(curve, 1) and yields one token. The root-only tree runs no heads, so it is plain decoding
+    (table row n_nodes=1). `head_cost_ms` is one number, or one per tree depth (entry d - 1 for depth d:
+    dependent heads run once per level).
     """
+    costs = [float(head_cost_ms)] * max_depth if isinstance(head_cost_ms, (int, float)) else list(head_cost_ms)
+    if len(costs) < min(max_depth, len(accuracy)):
+        raise ValueError(f"head_cost_ms covers {len(costs)} depths; the tree may be {min(max_depth, len(accuracy))} deep")
     if max_nodes < 1:
         raise ValueError(f"max_nodes must be >= 1, got {max_nodes}")
     plain_ms = interpolate_cost(curve_ms, 1)
@@ -270,7 +275,7 @@ def calibrate_tree(
     table = []
     for tree in greedy_trees(accuracy, max_depth, max_nodes):
         expected = expected_tokens_per_step(tree, accuracy)
-        cost = plain_ms if tree.n_nodes == 1 else interpolate_cost(curve_ms, tree.n_nodes) + head_cost_ms
+        cost = plain_ms if tree.n_nodes == 1 else interpolate_cost(curve_ms, tree.n_nodes) + costs[tree.depth - 1]
         speedup = expected * plain_ms / cost
         table.append((tree.n_nodes, expected, cost, speedup))
         if tree.n_nodes > 1 and (best is None or speedup > best[0]):

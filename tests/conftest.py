@@ -51,10 +51,32 @@ def tiny_run(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def tiny_heads(tiny_run, model_path):
-    import torch
+def tiny_dependent_run(tiny_run):
+    """Dependent heads trained on the same cached data as `tiny_run` (training only). Returns the run folder."""
+    out = tiny_run[0]
+    cmd = [sys.executable, str(ROOT / "model" / "train_medusa.py"), *TINY_TRAIN_FLAGS, "--epochs", "3",
+           "--head_type", "dependent", "--output_dir", str(out / "dependent"), "--cache_dir", str(out / "cache")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "reusing" in proc.stderr  # the hidden states came from tiny_run's cache
+    return out / "dependent"
 
-    from medusa_gguf.heads import load_heads
-    from medusa_gguf.models import output_matrix
 
-    return load_heads(tiny_run[0] / "weights" / "medusa_heads_latest.pth", torch.from_numpy(output_matrix(model_path)))
+@pytest.fixture(scope="session")
+def tiny_heads(tiny_run, backend):
+    from medusa_gguf.engine import load_heads_for
+
+    return load_heads_for(backend, tiny_run[0] / "weights" / "medusa_heads_latest.pth")
+
+
+@pytest.fixture(scope="session")
+def tiny_dependent_heads(tiny_dependent_run, backend):
+    from medusa_gguf.engine import load_heads_for
+
+    return load_heads_for(backend, tiny_dependent_run / "medusa_heads_latest.pth")
+
+
+@pytest.fixture(params=["medusa", "dependent"])
+def trained_heads(request):
+    """Both head types, for the tests that must hold for each."""
+    return request.getfixturevalue("tiny_heads" if request.param == "medusa" else "tiny_dependent_heads")

@@ -66,3 +66,33 @@ def test_help_explains(command):
     out = run(command + ["--help"])
     assert out.returncode == 0
     assert "usage: medusa-gguf" in out.stdout
+
+
+def test_bench_runs_every_method_and_writes_json_and_plot(tmp_path, tiny_dependent_run):
+    from .conftest import PROMPTS_SMALL
+
+    path, png = tmp_path / "bench.json", tmp_path / "bench.png"
+    out = run(["bench", "--prompts", str(PROMPTS_SMALL), "--limit", "2", "--max-tokens", "8", "--threads", "2",
+               "--dependent-weights", str(tiny_dependent_run / "medusa_heads_latest.pth"),
+               "--json", str(path), "--plot", str(png)], timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    methods = json.loads(path.read_text())["methods"]
+    assert set(methods) == {"plain", "prompt_lookup", "medusa_static", "medusa_calibrated", "medusa_dependent",
+                            "medusa_dependent_calibrated"}
+    for m in methods.values():
+        assert {"tokens_per_s", "tau", "speedup_vs_plain", "outputs_match_plain"} <= set(m)
+        assert m["tokens_per_s"] > 0
+    assert methods["plain"]["outputs_match_plain"] and methods["medusa_static"]["outputs_match_plain"]
+    assert methods["medusa_dependent"]["outputs_match_plain"]
+    assert png.stat().st_size > 10_000 and "| medusa_dependent |" in out.stdout
+
+
+def test_quantize_writes_a_model_that_loads_and_generates(tmp_path, model_path):
+    target = tmp_path / "q8.gguf"
+    out = run(["quantize", str(target), "--type", "q8_0", "--threads", "2"], timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert target.stat().st_size > model_path.stat().st_size  # Q8_0 is larger than the Q4_1 source
+    gen = run(["generate", "What is the capital of France?", "--max-tokens", "8", "--model", str(target),
+               "--threads", "2"])
+    assert gen.returncode == 0, gen.stderr[-2000:]
+    assert gen.stdout.strip()

@@ -11,7 +11,7 @@ import pytest
 from medusa_gguf.backend import Backend
 from medusa_gguf.decoding import GenerationResult, MedusaStepper, SamplingParams, generate, probabilities
 from medusa_gguf.settings import Settings
-from medusa_gguf.tree import DEFAULT_CHOICES, build_tree, chain
+from medusa_gguf.tree import DEFAULT_CHOICES, build_tree, chain, node_tokens
 
 from .conftest import ROOT
 
@@ -39,6 +39,37 @@ class OracleHeads:
                     out[j - 1, 1] = self.truth[i]
         return out
 
+    def draft(self, hidden, root: int, tree) -> list[int]:
+        return node_tokens(tree, root, self.topk(hidden, max(tree.max_rank_per_depth), tree.depth))
+
+
+class OracleDependentHeads(OracleHeads):
+    """Path-dependent fake drafts, like dependent heads': below a node whose path follows the greedy text, rank 0
+    is right three times in four (else rank 1 is); below any other node the candidates are noise seeded by the
+    path, so siblings' subtrees differ."""
+
+    def draft(self, hidden, root: int, tree) -> list[int]:
+        t = self.backend.n_past - 1
+        tokens, paths = [root], {0: (root,)}
+        for i in range(1, tree.n_nodes):
+            path, d, r = paths[tree.parents[i]], tree.depths[i], tree.ranks[i]
+            c = t + d - self.prompt_len  # completion index of the token above this node (the root: t+1)
+            on_truth = 0 <= c < len(self.truth) and list(path) == self.truth[c - d + 1 : c + 1]
+            rng = random.Random(hash((self.seed, t, path, r)))
+            tok = rng.randrange(self.backend.n_vocab)
+            if on_truth and c + 1 < len(self.truth):
+                wrong = random.Random((c + 1) * 7919 + self.seed).random() < 0.25
+                if r == 0:
+                    tok = (self.truth[c + 1] + 1) % self.backend.n_vocab if wrong else self.truth[c + 1]
+                elif r == 1 and wrong:
+                    tok = self.truth[c + 1]
+            tokens.append(tok)
+            paths[i] = path + (tok,)
+        return tokens
+
+
+ORACLES = {"medusa": OracleHeads, "dependent": OracleDependentHeads}
+
 
 @pytest.fixture(scope="module")
 def prompts(backend):
@@ -64,24 +95,25 @@ TREES = {
 }
 
 
+@pytest.mark.parametrize("kind", ORACLES)
 @pytest.mark.parametrize("name", TREES)
-def test_greedy_medusa_equals_plain_with_oracle_heads(backend, prompts, plain_outputs, name):
+def test_greedy_medusa_equals_plain_with_oracle_heads(backend, prompts, plain_outputs, name, kind):
     tree = TREES[name]
     for i, (prompt, truth) in enumerate(zip(prompts, plain_outputs)):
         r = GenerationResult()
-        heads = OracleHeads(backend, len(prompt), truth, seed=i)
+        heads = ORACLES[kind](backend, len(prompt), truth, seed=i)
         list(generate(backend, prompt, SamplingParams(max_tokens=N_TOKENS), r, heads=heads, tree=tree))
         assert r.tokens == truth, f"prompt {i}, tree {name}: first difference at {_first_diff(r.tokens, truth)}"
         assert r.stats.mode == "medusa"
         assert r.stats.tau > 1.5  # the oracle really drafted: deep paths were accepted and committed
 
 
-def test_greedy_medusa_equals_plain_with_trained_heads(backend, prompts, plain_outputs, tiny_heads):
+def test_greedy_medusa_equals_plain_with_trained_heads(backend, prompts, plain_outputs, trained_heads):
     for tree in (TREES["default"], chain(3)):
         accepted = 0
         for prompt, truth in list(zip(prompts, plain_outputs))[:4]:
             r = GenerationResult()
-            list(generate(backend, prompt, SamplingParams(max_tokens=N_TOKENS), r, heads=tiny_heads, tree=tree))
+            list(generate(backend, prompt, SamplingParams(max_tokens=N_TOKENS), r, heads=trained_heads, tree=tree))
             assert r.tokens == truth
             accepted += sum(r.stats.accepted_per_depth)
         assert accepted > 0
@@ -150,12 +182,12 @@ def test_typical_acceptance_is_not_lossless_and_the_bound_detects_it(backend, sa
     assert total_variation(counts, exact) > 0.03
 
 
-def test_fixed_seed_reproduces_sampled_output(backend, tiny_heads, sampling_prompt):
+def test_fixed_seed_reproduces_sampled_output(backend, trained_heads, sampling_prompt):
     params = SamplingParams(max_tokens=24, temperature=0.9, top_p=0.95, seed=7)
     runs = []
     for _ in range(2):
         r = GenerationResult()
-        list(generate(backend, sampling_prompt, params, r, heads=tiny_heads, tree=TREES["default"]))
+        list(generate(backend, sampling_prompt, params, r, heads=trained_heads, tree=TREES["default"]))
         runs.append(r.tokens)
     assert runs[0] == runs[1] and len(runs[0]) > 0
 

@@ -18,9 +18,12 @@ LINEAR = {1: 10.0, 2: 20.0, 4: 40.0, 8: 80.0, 16: 160.0, 32: 320.0, 64: 640.0}  
 FLAT = {1: 10.0, 2: 10.0, 4: 10.0, 8: 10.0, 16: 10.5, 32: 11.0, 64: 12.0}  # a GPU-like curve
 
 
-@pytest.fixture
-def tiny_weights(tiny_run) -> Path:
-    return tiny_run[0] / "weights" / "medusa_heads_latest.pth"
+@pytest.fixture(params=["medusa", "dependent"])
+def tiny_weights(request, tiny_run) -> Path:
+    """Trained heads of each type: every planning rule holds for both."""
+    if request.param == "medusa":
+        return tiny_run[0] / "weights" / "medusa_heads_latest.pth"
+    return request.getfixturevalue("tiny_dependent_run") / "medusa_heads_latest.pth"
 
 
 @pytest.fixture
@@ -54,9 +57,10 @@ def test_weights_for_another_model_are_an_error(backend, tmp_path):
         E.plan_decoding(backend, settings(medusa_weights_path=path))
 
 
-def test_shipped_heads_are_used_only_for_their_model_file(backend, monkeypatch, tmp_path, tiny_weights):
+def test_shipped_heads_are_used_only_for_their_model_file(backend, monkeypatch, tmp_path, tiny_run):
     from medusa_gguf.heads import read_heads_file
 
+    tiny_weights = tiny_run[0] / "weights" / "medusa_heads_latest.pth"
     config, state = read_heads_file(tiny_weights)
     foreign = tmp_path / "shipped.pth"
     heads = MedusaHeads(replace(config, base_model_sha256="0" * 64, base_model_name="someone-else.gguf"),
@@ -96,3 +100,11 @@ def test_tree_file_deeper_than_the_heads_is_an_error(backend, tiny_weights, tmp_
     path.write_text("[[0], [0, 0], [0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0]]")
     with pytest.raises(ValueError, match="is 6 deep but .* has 5 heads"):
         E.plan_decoding(backend, settings(medusa_weights_path=tiny_weights, tree=str(path)))
+
+
+def test_head_cost_is_measured_per_depth_for_both_types(backend, tiny_run, tiny_dependent_run):
+    medusa = E.load_heads_for(backend, tiny_run[0] / "weights" / "medusa_heads_latest.pth")
+    dependent = E.load_heads_for(backend, tiny_dependent_run / "medusa_heads_latest.pth")
+    assert dependent.config.head_type == "dependent" and medusa.config.head_type == "medusa"
+    m, d = E.head_cost_ms(medusa, backend.n_embd, 4), E.head_cost_ms(dependent, backend.n_embd, 4)
+    assert len(m) == len(d) == 4 and all(x > 0 for x in m + d)  # one cost per draft depth, for calibration

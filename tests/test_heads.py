@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from medusa_gguf.heads import HeadsConfig, HeadsError, MedusaHeads, load_heads, read_heads_file, save_heads
+from medusa_gguf.heads import (DependentHeads, HeadsConfig, HeadsError, MedusaHeads, load_heads, read_heads_file,
+                               save_heads)
+from medusa_gguf.tree import build_tree
 
 N_EMBD, N_VOCAB = 16, 50
 
@@ -109,3 +111,88 @@ def test_half_precision_file_is_smaller_and_close(tmp_path):
     back = load_heads(tmp_path / "half.pth", base_projection())
     h = torch.randn(2, N_EMBD)
     assert np.allclose(back(h).detach().numpy(), heads(h).detach().numpy(), atol=1e-2)
+
+
+# -- dependent heads ------------------------------------------------------------------------------------------------
+
+
+def make_dependent(k=3, draft=None, trained=False, **kw) -> DependentHeads:
+    torch.manual_seed(0)
+    proj = torch.randn(N_VOCAB, N_EMBD)
+    emb = torch.randn(N_VOCAB, N_EMBD)
+    cfg = HeadsConfig(k_heads=k, n_embd=N_EMBD, n_vocab=N_VOCAB, hidden_dim=8, head_type="dependent",
+                      draft_vocab_size=len(draft) if draft is not None else 0, **kw)
+    heads = DependentHeads(cfg, proj, emb, draft)
+    if trained:
+        with torch.no_grad():
+            for p in heads.parameters():
+                p.add_(0.5 * torch.randn_like(p))
+    return heads
+
+
+def test_untrained_dependent_heads_equal_medusa_heads():
+    dep, med = make_dependent(num_layers=2), make_heads(num_layers=2)
+    h = torch.randn(4, N_EMBD)
+    future = torch.randint(0, N_VOCAB, (4, 3))
+    assert torch.equal(dep(h, future), med(h))
+    tree = build_tree([(0,), (1,), (0, 0), (0, 1), (1, 0), (0, 0, 0)])
+    assert dep.draft(h[0].numpy(), 7, tree) == med.draft(h[0].numpy(), 7, tree)
+
+
+def test_dependent_heads_read_the_path_tokens():
+    heads = make_dependent(trained=True)
+    h = torch.randn(1, N_EMBD)
+    a = heads(h, torch.tensor([[1, 2, 3]]))
+    b = heads(h, torch.tensor([[1, 2, 4]]))  # only token t+3 differs: heads 1 and 2 cannot see it
+    assert torch.equal(a[:, :2], b[:, :2]) and not torch.equal(a[:, 2], b[:, 2])
+    c = heads(h, torch.tensor([[5, 2, 3]]))  # token t+1 (the root) feeds every head
+    assert not any(torch.equal(a[:, k], c[:, k]) for k in range(3))
+
+
+def test_level_by_level_draft_matches_teacher_forced_scores():
+    """Each drafted node is its head's rank-r candidate given exactly the tokens above it on its path."""
+    draft = torch.tensor([0, 3, 5, 8, 13, 21, 34, 40, 44, 49])
+    heads = make_dependent(draft=draft, trained=True)
+    tree = build_tree([(0,), (1,), (2,), (0, 0), (0, 1), (1, 0), (0, 0, 0), (1, 0, 1)])
+    h = torch.randn(N_EMBD)
+    tokens = heads.draft(h.numpy(), 9, tree)
+    for i in range(1, tree.n_nodes):
+        path, j = [], tree.parents[i]
+        while j >= 0:
+            path.append(tokens[j])
+            j = tree.parents[j]
+        path = path[::-1]  # root .. parent: tokens t+1 .. t+d
+        d = tree.depths[i]
+        future = torch.tensor([path + [0] * (3 - len(path))])
+        logits = heads(h.unsqueeze(0), future)[0, d - 1]
+        assert tokens[i] == int(draft[torch.topk(logits, tree.ranks[i] + 1).indices[-1]])
+    assert set(tokens[1:]) <= set(draft.tolist())
+
+
+def test_dependent_heads_round_trip_and_need_embeddings(tmp_path):
+    heads = make_dependent(trained=True, accuracy=[[0.5], [0.4], [0.3]])
+    path = tmp_path / "dep.pth"
+    save_heads(heads, path)
+    assert "embeddings" not in read_heads_file(path)[1]  # rebuilt from the GGUF, never stored
+    with pytest.raises(HeadsError, match="need the base model's token embeddings"):
+        load_heads(path, base_projection())
+    torch.manual_seed(0)
+    proj, emb = torch.randn(N_VOCAB, N_EMBD), torch.randn(N_VOCAB, N_EMBD)
+    back = load_heads(path, proj, embeddings=lambda: emb)
+    assert isinstance(back, DependentHeads) and back.config.head_type == "dependent"
+    h, future = torch.randn(2, N_EMBD), torch.randint(0, N_VOCAB, (2, 3))
+    assert torch.allclose(back(h, future), heads(h, future))
+    with pytest.raises(HeadsError, match=r"token embeddings have shape \(50, 8\)"):
+        load_heads(path, proj, embeddings=torch.zeros(N_VOCAB, 8))
+
+
+@pytest.mark.parametrize("own", [False, True])
+def test_fast_inference_path_matches_forward_and_follows_updates(own):
+    heads = make_heads(num_layers=2, draft=torch.tensor([0, 3, 5, 8, 13, 21, 34, 40]), own_lm_head=own)
+    for step in range(2):  # the second round changes the weights after the fast path was built
+        with torch.no_grad():
+            for p in heads.parameters():
+                p.add_(0.5 * torch.randn_like(p))
+        h = torch.randn(N_EMBD)
+        want = heads.draft_ids[torch.topk(heads(h.unsqueeze(0))[0], 3, dim=-1).indices].numpy()
+        assert np.array_equal(heads.topk(h.numpy(), 3), want)

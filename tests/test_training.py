@@ -61,11 +61,17 @@ def test_loss_fell(run):
     assert val_loss[-1] < val_loss[0] or val_loss[0] < train_loss[0]
 
 
-def test_head1_beats_trivial_predictors(run, projection):
+@pytest.mark.parametrize("head_type", ["medusa", "dependent"])
+def test_head1_beats_trivial_predictors(run, projection, backend, head_type, request):
+    from medusa_gguf.engine import load_heads_for
+
     out, _ = run
-    heads = load_heads(out / "weights" / "medusa_heads_latest.pth", projection)
+    folder = out / "weights" if head_type == "medusa" else request.getfixturevalue("tiny_dependent_run")
+    heads = load_heads_for(backend, folder / "medusa_heads_latest.pth")
+    assert heads.config.head_type == head_type
     paths = val_paths(out)
-    trained = evaluate(heads, paths, torch.device("cpu"), 0.8, 4)["top1"][0]
+    result = evaluate(heads, paths, torch.device("cpu"), 0.8, 4)
+    trained = result["top1"][0]
     # Trivial 1: the untrained head = the base model's own argmax at t, taken as a guess for t+2.
     untrained = MedusaHeads(HeadsConfig(k_heads=K, n_embd=576, n_vocab=49152, hidden_dim=288), projection)
     base_guess = evaluate(untrained, paths, torch.device("cpu"), 0.8, 4)["top1"][0]
@@ -76,6 +82,17 @@ def test_head1_beats_trivial_predictors(run, projection):
     future = np.concatenate([f for _, f in D.iter_rows(paths)])
     frequent_guess = float(np.mean(future[:, 1] == most_frequent))
     assert trained > max(base_guess, frequent_guess) + 0.03, (trained, base_guess, frequent_guess)
+    assert result["val_acceptance"] > 1.0
+
+
+def test_max_train_sequences_limits_the_data_not_the_cache(run, tmp_path):
+    out, _ = run
+    args = TrainArgs(self_distill=True, prompts_file=str(PROMPTS_SMALL), distill_max_tokens=96, threads=2,
+                     val_fraction=0.2, draft_vocab_size=2048, k_heads=K, batch_size=2, epochs=1,
+                     cache_dir=str(out / "cache"), output_dir=str(tmp_path / "few"), max_train_sequences=3)
+    train(args)
+    rows = [json.loads(x) for x in (tmp_path / "few" / "metrics.jsonl").read_text().splitlines()]
+    assert max(r["step"] for r in rows) == 2  # 3 sequences in micro-batches of 2
 
 
 def test_training_hidden_states_equal_inference(run, backend):
@@ -92,11 +109,12 @@ def test_training_hidden_states_equal_inference(run, backend):
     assert np.array_equal(shard["hidden"][rows][1 : 1 + len(chain)], node_states.astype(np.float16))
 
 
-def test_resume_ends_with_the_same_weights(run, tmp_path):
+@pytest.mark.parametrize("head_type", ["medusa", "dependent"])
+def test_resume_ends_with_the_same_weights(run, tmp_path, head_type):
     out, _ = run
     base = TrainArgs(self_distill=True, prompts_file=str(PROMPTS_SMALL), distill_max_tokens=96, threads=2,
                      val_fraction=0.2, draft_vocab_size=2048, k_heads=K, batch_size=2, learning_rate=2e-3, epochs=2, save_steps=3,
-                     cache_dir=str(out / "cache"))
+                     cache_dir=str(out / "cache"), head_type=head_type)
     full = train(replace(base, output_dir=str(tmp_path / "full")))
     train(replace(base, output_dir=str(tmp_path / "cut"), stop_after_steps=5))  # as if killed after step 5
     resumed = train(replace(base, output_dir=str(tmp_path / "cut"), resume=True))

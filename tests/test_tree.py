@@ -279,3 +279,16 @@ def test_calibrate_needs_the_margin():
     assert "1.02x margin" in calibrate_tree(acc, curve, max_depth=1).reason
     cal = calibrate_tree(acc, curve, max_depth=1, margin=1.0)
     assert cal.tree == chain(1) and cal.predicted_speedup == pytest.approx(1.51 / 1.5)
+
+
+def test_calibrate_charges_head_cost_per_depth():
+    """Dependent heads run once per level: a cost per depth makes deep trees dearer than shallow ones."""
+    strong = [[0.9, 0.05], [0.9, 0.05], [0.9, 0.05], [0.9]]
+    flat = {1: 10.0, 64: 10.0}
+    deep = calibrate_tree(strong, flat, max_depth=4, head_cost_ms=[1.0, 1.0, 1.0, 1.0])
+    assert deep.tree.depth == 4
+    steep = calibrate_tree(strong, flat, max_depth=4, head_cost_ms=[1.0, 30.0, 60.0, 90.0])
+    assert steep.tree.depth == 1
+    assert steep.step_cost_ms == pytest.approx(10.0 + 1.0)
+    with pytest.raises(ValueError, match="head_cost_ms covers 2 depths; the tree may be 4 deep"):
+        calibrate_tree(strong, flat, max_depth=4, head_cost_ms=[1.0, 2.0])
