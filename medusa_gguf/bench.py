@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from .backend import PromptLookup
 from .decoding import GenerationResult, SamplingParams
-from .engine import SHIPPED_DEPENDENT_HEADS, Engine, cost_curve, plan_decoding
+from .engine import SHIPPED_DEPENDENT_HEADS, SHIPPED_MEDUSA_HEADS, Engine, cost_curve, plan_decoding
 from .settings import Settings
 from .tree import interpolate_cost
 
@@ -65,10 +65,13 @@ def read_prompts(path: Path, limit: int = 0) -> list[dict]:
 
 def run_bench(settings: Settings, prompts: list[dict], max_tokens: int, *, static_tree: str = "default",
               weights: Path | None = None, dependent_weights: Path | None = None) -> dict:
-    """Run every method on every prompt; `dependent_weights` defaults to the shipped dependent heads, if any."""
+    """Run every method on every prompt. `weights` (the medusa_* rows) defaults to MEDUSA_WEIGHTS_PATH, else the
+    shipped Medusa-type heads; `dependent_weights` to the shipped dependent heads, if any."""
     engine = Engine(settings)
     backend = engine.backend
     curve = cost_curve(backend, settings)
+    if weights is None and not settings.medusa_weights_path.is_file() and SHIPPED_MEDUSA_HEADS.is_file():
+        weights = SHIPPED_MEDUSA_HEADS  # the shipped default may be dependent heads; these rows are Medusa's
     plans = {"medusa_static": plan_decoding(backend, settings, tree=static_tree, weights=weights),
              "medusa_calibrated": plan_decoding(backend, settings, tree="auto", weights=weights)}
     dependent = dependent_weights or (SHIPPED_DEPENDENT_HEADS if SHIPPED_DEPENDENT_HEADS.is_file() else None)

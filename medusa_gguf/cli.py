@@ -176,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--prompts", type=Path, required=True, help="JSONL with 'prompt' (and optional 'category')")
     bench.add_argument("--max-tokens", type=int, default=128, help="tokens generated per prompt")
     bench.add_argument("--limit", type=int, default=0, help="use this many prompts, spread over the file (0: all)")
-    bench.add_argument("--weights", type=Path, default=None, help="Medusa weights [MEDUSA_WEIGHTS_PATH / shipped heads]")
+    bench.add_argument("--weights", type=Path, default=None, help="heads of the medusa_* rows [MEDUSA_WEIGHTS_PATH, else the shipped Medusa-type heads]")
     bench.add_argument("--dependent-weights", type=Path, default=None,
                        help="dependent heads for the medusa_dependent methods [the shipped dependent heads, if any]")
     bench.add_argument("--static-tree", default="default", help="static tree: default, wide, chain or a JSON file")
@@ -191,8 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     recipe.add_argument("name", choices=["default"], help="the recipe: 'default' = the embedded SmolLM2-135M model")
     recipe.add_argument("--prompts", type=int, default=3000, help="training prompts to self-distill")
-    recipe.add_argument("--epochs", type=int, default=3, help="training epochs")
-    recipe.add_argument("--head-type", default="medusa", choices=["medusa", "dependent"],
+    recipe.add_argument("--epochs", type=int, default=6, help="training epochs")
+    recipe.add_argument("--head-type", default="dependent", choices=["medusa", "dependent"],
                         help="medusa: heads read h_t; dependent: also the drafted tokens on their path")
     recipe.add_argument("--output-dir", type=Path, default=Path("runs/recipe-default"), help="work folder")
     recipe.add_argument("--install", action="store_true", help="copy the heads into the package (medusa_gguf/assets)")

@@ -35,8 +35,9 @@ from .tree import DEFAULT_CHOICES, WIDE_CHOICES, Calibration, Tree, build_tree, 
 log = logging.getLogger(__name__)
 
 ASSETS = Path(__file__).parent / "assets"
-SHIPPED_HEADS = ASSETS / "smollm2-135m-instruct-q4_1.medusa.pth"  # the default: see the README for why this type
-SHIPPED_DEPENDENT_HEADS = ASSETS / "smollm2-135m-instruct-q4_1.dependent.pth"
+SHIPPED = {t: ASSETS / f"smollm2-135m-instruct-q4_1.{t}.pth" for t in ("medusa", "dependent")}  # per head type
+SHIPPED_MEDUSA_HEADS, SHIPPED_DEPENDENT_HEADS = SHIPPED["medusa"], SHIPPED["dependent"]
+SHIPPED_HEADS = SHIPPED_DEPENDENT_HEADS  # used when MEDUSA_WEIGHTS_PATH is absent; the README says why this type
 CALIBRATION_SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 63)
 NAMED_TREES = {"default": DEFAULT_CHOICES, "wide": WIDE_CHOICES}
 

@@ -33,41 +33,51 @@ def default_args(output_dir: Path, prompts: int, epochs: int, threads: int, head
 
 def run_recipe(output_dir: Path, *, prompts: int, epochs: int, threads: int, install: bool, resume: bool = False,
                head_type: str = "medusa") -> Path:
-    from .backend import Backend
-    from .engine import SHIPPED_HEADS, cost_curve, head_cost_ms, load_heads_for
-    from .heads import save_heads
-    from .settings import Settings
     from .training import train
-    from .tree import calibrate_tree
 
     args = replace(default_args(output_dir, prompts, epochs, threads, head_type), resume=resume)
     t0 = time.perf_counter()
-    latest = train(args)
-    train_s = time.perf_counter() - t0
-    settings = Settings.from_env(n_threads=threads or None)
+    train(args)
+    return finalize(args, time.perf_counter() - t0, install=install)
+
+
+def finalize(args: TrainArgs, train_s: float, *, install: bool, note: str = "") -> Path:
+    """After training: calibrate on this machine, write the fp16 heads and REPORT.md; `install` copies the heads
+    into the package as the shipped heads of their type."""
+    from .backend import Backend
+    from .engine import SHIPPED, cost_curve, head_cost_ms, load_heads_for
+    from .heads import save_heads
+    from .settings import Settings
+    from .tree import calibrate_tree
+
+    output_dir = Path(args.output_dir)
+    settings = Settings.from_env(n_threads=args.threads or None)
     with Backend(settings) as backend:
-        heads = load_heads_for(backend, latest)
+        heads = load_heads_for(backend, output_dir / "medusa_heads_latest.pth")
         curve = cost_curve(backend, settings)
         head_ms = head_cost_ms(heads, backend.n_embd, heads.config.k_heads)
     cal = calibrate_tree(heads.config.accuracy, curve.ms, max_depth=min(heads.config.k_heads, settings.max_tokens_per_step - 1),
                          head_cost_ms=head_ms)
     shipped = output_dir / "medusa_heads_shipped.pth"
     save_heads(heads, shipped, half=True)
-    write_report(output_dir, args, heads.config, train_s, cal, head_ms, shipped)
+    write_report(output_dir, args, heads.config, train_s, cal, head_ms, shipped, note)
     if install:
-        SHIPPED_HEADS.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(shipped, SHIPPED_HEADS)
-        log.info("installed %s (%.1f MB)", SHIPPED_HEADS, SHIPPED_HEADS.stat().st_size / 1e6)
+        target = SHIPPED[args.head_type]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(shipped, target)
+        log.info("installed %s (%.1f MB)", target, target.stat().st_size / 1e6)
     return shipped
 
 
-def write_report(out: Path, args: TrainArgs, config, train_s: float, cal, head_ms: list[float], shipped: Path) -> None:
+def write_report(out: Path, args: TrainArgs, config, train_s: float, cal, head_ms: list[float], shipped: Path,
+                 note: str = "") -> None:
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     val = [r for r in rows if "top1" in r]
     last = val[-1] if val else {}
-    manifest = json.loads((out / "cache" / "train-rank0" / "manifest.json").read_text())
+    cache = Path(args.cache_dir) if args.cache_dir else out / "cache"
+    manifest = json.loads((cache / "train-rank0" / "manifest.json").read_text())
     lines = [
-        "# Training report: Medusa heads for SmolLM2-135M-Instruct (Q4_1)",
+        f"# Training report: {args.head_type} heads for SmolLM2-135M-Instruct (Q4_1)",
         "",
         f"Recipe: `medusa-gguf recipe default --prompts {args.max_samples} --epochs {args.epochs}"
         f" --head-type {args.head_type}`"
@@ -77,7 +87,7 @@ def write_report(out: Path, args: TrainArgs, config, train_s: float, cal, head_m
         f"- Data: {args.max_samples} prompts of medusa_gguf/prompts/train.jsonl, answered greedily by the model itself"
         f" (at most {args.distill_max_tokens} tokens); {manifest['rows']} training positions from"
         f" {manifest['sequences']} sequences; {last.get('val_positions', 0)} held-out positions.",
-        f"- Time on this machine (distillation, extraction and training): {train_s / 60:.1f} min.",
+        f"- Time on this machine (distillation, extraction and training): {train_s / 60:.1f} min{note}.",
         f"- Validation loss: {last.get('val_loss', float('nan')):.3f}.",
         f"- Validation acceptance (tokens per greedy step, default tree): {last.get('val_acceptance', float('nan')):.3f}.",
         "",

@@ -4,32 +4,41 @@ from __future__ import annotations
 import subprocess
 import sys
 
-import torch
+import pytest
 
 from medusa_gguf.decoding import GenerationResult, SamplingParams, generate
-from medusa_gguf.engine import SHIPPED_HEADS
-from medusa_gguf.heads import load_heads, read_heads_file
-from medusa_gguf.models import file_sha256, output_matrix
+from medusa_gguf.engine import SHIPPED, SHIPPED_HEADS, load_heads_for
+from medusa_gguf.heads import read_heads_file
+from medusa_gguf.models import file_sha256
 from medusa_gguf.tree import DEFAULT_CHOICES, build_tree
 
 from .conftest import ROOT
 
 
-def test_shipped_heads_exist_and_are_small():
-    assert SHIPPED_HEADS.is_file(), f"{SHIPPED_HEADS} is missing: run `medusa-gguf recipe default --install`"
-    assert SHIPPED_HEADS.stat().st_size < 10e6
+def test_the_default_is_one_of_the_shipped_types():
+    assert SHIPPED_HEADS in SHIPPED.values()
 
 
-def test_shipped_heads_match_the_default_model(model_path):
-    config, _ = read_heads_file(SHIPPED_HEADS)
+@pytest.mark.parametrize("head_type", SHIPPED)
+def test_shipped_heads_exist_and_are_small(head_type):
+    path = SHIPPED[head_type]
+    assert path.is_file(), f"{path} is missing: run `medusa-gguf recipe default --head-type {head_type} --install`"
+    assert path.stat().st_size < 20e6  # fp16; the projection and the embeddings come from the GGUF
+
+
+@pytest.mark.parametrize("head_type", SHIPPED)
+def test_shipped_heads_match_the_default_model(model_path, head_type):
+    config, _ = read_heads_file(SHIPPED[head_type])
+    assert config.head_type == head_type
     assert config.base_model_sha256 == file_sha256(model_path)
     assert config.base_model_name == model_path.name
     assert len(config.accuracy) == config.k_heads and all(len(row) == 10 for row in config.accuracy)
     assert 0 < config.accuracy[0][0] < 1
 
 
-def test_shipped_heads_greedy_equals_plain(backend, model_path):
-    heads = load_heads(SHIPPED_HEADS, torch.from_numpy(output_matrix(model_path)))
+@pytest.mark.parametrize("head_type", SHIPPED)
+def test_shipped_heads_greedy_equals_plain(backend, head_type):
+    heads = load_heads_for(backend, SHIPPED[head_type])
     tree = build_tree(DEFAULT_CHOICES)
     prompt = backend.tokenize(backend.apply_chat_template([{"role": "user", "content": "Describe a thunderstorm."}]))
     plain, medusa = GenerationResult(), GenerationResult()
@@ -49,5 +58,5 @@ def test_recipe_runs_end_to_end_in_a_tiny_configuration(tmp_path):
     report = (out / "REPORT.md").read_text()
     assert "| 1 |" in report and "Tree calibration" in report
     config, _ = read_heads_file(out / "medusa_heads_shipped.pth")
-    assert config.k_heads == 5 and config.accuracy
+    assert config.k_heads == 5 and config.accuracy and config.head_type == "dependent"  # the recipe's default
     assert not (out / "cache" / "val" / "manifest.json").read_text() == ""
