@@ -51,6 +51,7 @@ class HeadsConfig:
     head_type: str = "medusa"  # "medusa" (reads h_t) or "dependent" (also reads drafted tokens' embeddings)
     own_lm_head: bool = False
     draft_vocab_size: int = 0  # 0: full vocabulary
+    mix_rank: int = 0  # dependent heads: 0 = full-rank M_k; r = M_k = B_k A_k with rank r (fewer bytes per draft)
     base_model_name: str = ""
     base_model_sha256: str = ""
     # accuracy[k][r]: share of held-out positions where head k+1's rank-r candidate was the right token.
@@ -58,9 +59,9 @@ class HeadsConfig:
     training_args: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.k_heads < 1 or self.num_layers < 0 or self.hidden_dim < 1:
+        if self.k_heads < 1 or self.num_layers < 0 or self.hidden_dim < 1 or self.mix_rank < 0:
             raise HeadsError(f"invalid heads config: k_heads={self.k_heads} num_layers={self.num_layers} "
-                             f"hidden_dim={self.hidden_dim}")
+                             f"hidden_dim={self.hidden_dim} mix_rank={self.mix_rank}")
         if self.head_type not in ("medusa", "dependent"):
             raise HeadsError(f"unknown head_type {self.head_type!r}; expected 'medusa' or 'dependent'")
 
@@ -157,7 +158,8 @@ class MedusaHeads(nn.Module):
                     for l in range(self.config.num_layers))
                 proj_t = self.lm_heads.transpose(1, 2).contiguous() if self.config.own_lm_head \
                     else self.projection.T.contiguous()  # [K, D, V] or [D, V]
-                mix_t = tuple(m.weight.T.contiguous() for m in getattr(self, "mix", ()))
+                mix_t = tuple(tuple(layer.weight.T.contiguous() for layer in (m if isinstance(m, nn.Sequential) else [m]))
+                              for m in getattr(self, "mix", ()))
             cached = _InferenceWeights(version, layers, proj_t, mix_t)
             self._fast = cached
         return cached
@@ -179,9 +181,16 @@ class DependentHeads(MedusaHeads):
                              f"expected [{c.n_vocab}, {c.n_embd}]")
         # Frozen and not stored in the weights file: rebuilt from the GGUF. fp16 halves its memory.
         self.register_buffer("embeddings", embeddings.to(torch.float16), persistent=False)
-        self.mix = nn.ModuleList(nn.Linear(k * c.n_embd, c.n_embd, bias=False) for k in range(1, c.k_heads + 1))
-        for m in self.mix:
-            nn.init.zeros_(m.weight)
+        if c.mix_rank:  # M_k = B_k A_k: A_k [r, k * n_embd], B_k [n_embd, r] (zero)
+            self.mix = nn.ModuleList(
+                nn.Sequential(nn.Linear(k * c.n_embd, c.mix_rank, bias=False), nn.Linear(c.mix_rank, c.n_embd, bias=False))
+                for k in range(1, c.k_heads + 1))
+            for m in self.mix:
+                nn.init.zeros_(m[1].weight)
+        else:
+            self.mix = nn.ModuleList(nn.Linear(k * c.n_embd, c.n_embd, bias=False) for k in range(1, c.k_heads + 1))
+            for m in self.mix:
+                nn.init.zeros_(m.weight)
 
     def head_input(self, head: int, hidden: torch.Tensor, path: torch.Tensor) -> torch.Tensor:
         """Input of head `head` (0-based): hidden [..., n_embd] + M [e(path_1); ...; e(path_k)], path [..., k]."""
@@ -212,7 +221,10 @@ class DependentHeads(MedusaHeads):
         paths = {0: [int(root)]}
         for i, level in enumerate(_levels(tree)):  # head i + 1 scores the nodes at depth i
             path = torch.tensor([paths[p] for p in level.parents])  # [P, i + 1]
-            x = torch.addmm(h, self.embeddings[path].flatten(1).float(), fast.mix_t[i])  # [P, n_embd]
+            e = self.embeddings[path].flatten(1).float()  # [P, (i + 1) * n_embd]
+            for m in fast.mix_t[i][:-1]:  # the low-rank factor A_k, if any
+                e = e @ m
+            x = torch.addmm(h, e, fast.mix_t[i][-1])  # [P, n_embd]
             for w_down, b_down, w_up, b_up in fast.layers:
                 z = nn.functional.silu(torch.addmm(b_down[i, :, 0], x, w_down[i].T))
                 x = x + torch.addmm(b_up[i, :, 0], z, w_up[i].T)
@@ -229,7 +241,7 @@ class _InferenceWeights:
     version: tuple[int, ...]  # parameter versions these were built from
     layers: tuple[tuple[torch.Tensor, ...], ...]  # per layer: W_down [K, H, D], b_down [K, H, 1], W_up [K, D, H], b_up [K, D, 1]
     projection_t: torch.Tensor  # [D, V_draft], or [K, D, V_draft] with own projections
-    mix_t: tuple[torch.Tensor, ...]  # dependent heads: M_k transposed [k * D, D]
+    mix_t: tuple[tuple[torch.Tensor, ...], ...]  # dependent heads: M_k transposed [k * D, D], or (A_k^T, B_k^T)
 
 
 @dataclass(frozen=True)

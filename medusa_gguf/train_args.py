@@ -34,6 +34,7 @@ class TrainArgs:
     cache_dir: str | None = None  # default: <output_dir>/cache
     k_heads: int = 5
     head_type: str = "medusa"  # "medusa" or "dependent"
+    mix_rank: int = 0  # dependent heads: rank of the path-mixing matrices (0: full)
     num_layers: int = 1
     hidden_dim: int = 0  # 0: half the base model's width
     own_lm_head: bool = False
@@ -80,6 +81,9 @@ def build_parser(prog: str = "train_medusa.py") -> argparse.ArgumentParser:
     h.add_argument("--head_type", default=d.head_type, choices=["medusa", "dependent"],
                    help="medusa: head k reads h_t; dependent: also the embeddings of tokens t+1..t+k on its tree path "
                         "(default: %(default)s)")
+    h.add_argument("--mix_rank", type=int, default=d.mix_rank,
+                   help="dependent heads: rank of the matrices that mix the path embeddings in (0: full rank; "
+                        "a small rank means fewer bytes per draft; default: %(default)s)")
     h.add_argument("--num_layers", type=int, default=d.num_layers, help="residual blocks per head (default: %(default)s)")
     h.add_argument("--hidden_dim", type=int, default=0, help="block width (default: half the base model's width)")
     h.add_argument("--own_lm_head", action="store_true", help="train a projection per head instead of sharing the base one")

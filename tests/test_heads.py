@@ -130,8 +130,9 @@ def make_dependent(k=3, draft=None, trained=False, **kw) -> DependentHeads:
     return heads
 
 
-def test_untrained_dependent_heads_equal_medusa_heads():
-    dep, med = make_dependent(num_layers=2), make_heads(num_layers=2)
+@pytest.mark.parametrize("mix_rank", [0, 4])
+def test_untrained_dependent_heads_equal_medusa_heads(mix_rank):
+    dep, med = make_dependent(num_layers=2, mix_rank=mix_rank), make_heads(num_layers=2)
     h = torch.randn(4, N_EMBD)
     future = torch.randint(0, N_VOCAB, (4, 3))
     assert torch.equal(dep(h, future), med(h))
@@ -149,10 +150,11 @@ def test_dependent_heads_read_the_path_tokens():
     assert not any(torch.equal(a[:, k], c[:, k]) for k in range(3))
 
 
-def test_level_by_level_draft_matches_teacher_forced_scores():
+@pytest.mark.parametrize("mix_rank", [0, 4])
+def test_level_by_level_draft_matches_teacher_forced_scores(mix_rank):
     """Each drafted node is its head's rank-r candidate given exactly the tokens above it on its path."""
     draft = torch.tensor([0, 3, 5, 8, 13, 21, 34, 40, 44, 49])
-    heads = make_dependent(draft=draft, trained=True)
+    heads = make_dependent(draft=draft, trained=True, mix_rank=mix_rank)
     tree = build_tree([(0,), (1,), (2,), (0, 0), (0, 1), (1, 0), (0, 0, 0), (1, 0, 1)])
     h = torch.randn(N_EMBD)
     tokens = heads.draft(h.numpy(), 9, tree)
@@ -169,8 +171,9 @@ def test_level_by_level_draft_matches_teacher_forced_scores():
     assert set(tokens[1:]) <= set(draft.tolist())
 
 
-def test_dependent_heads_round_trip_and_need_embeddings(tmp_path):
-    heads = make_dependent(trained=True, accuracy=[[0.5], [0.4], [0.3]])
+@pytest.mark.parametrize("mix_rank", [0, 4])
+def test_dependent_heads_round_trip_and_need_embeddings(tmp_path, mix_rank):
+    heads = make_dependent(trained=True, accuracy=[[0.5], [0.4], [0.3]], mix_rank=mix_rank)
     path = tmp_path / "dep.pth"
     save_heads(heads, path)
     assert "embeddings" not in read_heads_file(path)[1]  # rebuilt from the GGUF, never stored
