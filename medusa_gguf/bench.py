@@ -38,6 +38,7 @@ class Run:
     seconds: float
     steps: int
     heads_s: float = 0.0
+    produced: int = 0  # tokens the model produced, the final EOS included: tau counts these per step
 
 
 @dataclass
@@ -84,23 +85,23 @@ def run_bench(settings: Settings, prompts: list[dict], max_tokens: int, *, stati
     params = SamplingParams(max_tokens=max_tokens)
     tokenized = [engine.chat_prompt([{"role": "user", "content": p["prompt"]}]) for p in prompts]
 
-    def medusa(plan) -> Callable[[list[int]], tuple[list[int], int, float]]:
+    def medusa(plan) -> Callable[[list[int]], tuple[list[int], int, int, float]]:
         def go(tokens: list[int]):
             from .decoding import generate
 
             r = GenerationResult()
             list(generate(backend, tokens, params, r, heads=plan.heads, tree=plan.tree))
-            return r.tokens, r.stats.steps, r.stats.time_heads_s
+            return r.tokens, r.stats.tokens, r.stats.steps, r.stats.time_heads_s
         return go
 
     def plain(tokens: list[int]):
         r = GenerationResult()
         list(engine.generate(tokens, params, r, plain=True))
-        return r.tokens, r.stats.steps, 0.0
+        return r.tokens, r.stats.tokens, r.stats.steps, 0.0
 
     def prompt_lookup(tokens: list[int]):
         out = lookup.generate(tokens, max_tokens)
-        return out, 0, 0.0  # its steps are not observable from outside llama-cpp-python
+        return out, len(out), 0, 0.0  # its steps are not observable from outside llama-cpp-python
 
     runners = {"plain": plain, "prompt_lookup": prompt_lookup, **{name: medusa(plan) for name, plan in plans.items()}}
     reports = {
@@ -116,8 +117,8 @@ def run_bench(settings: Settings, prompts: list[dict], max_tokens: int, *, stati
         order = methods[i % len(methods) :] + methods[: i % len(methods)]
         for name in order:
             t0 = time.perf_counter()
-            out, steps, heads_s = runners[name](tokens)
-            reports[name].runs.append(Run(prompt["category"], out, time.perf_counter() - t0, steps, heads_s))
+            out, produced, steps, heads_s = runners[name](tokens)
+            reports[name].runs.append(Run(prompt["category"], out, time.perf_counter() - t0, steps, heads_s, produced))
     lookup.close()
     engine.close()
     return summarize(reports, curve.ms, prompts, max_tokens)
@@ -128,21 +129,15 @@ def summarize(reports: dict[str, MethodReport], curve_ms: dict[int, float], prom
     one_step_ms = interpolate_cost(curve_ms, 1)
     methods = {}
     for name, rep in reports.items():
-        tokens = sum(len(r.tokens) for r in rep.runs)
-        seconds = sum(r.seconds for r in rep.runs)
+        pairs = list(zip(rep.runs, plain_runs))
         steps = sum(r.steps for r in rep.runs)
-        ratios = [(len(r.tokens) / r.seconds) / (len(p.tokens) / p.seconds)
-                  for r, p in zip(rep.runs, plain_runs) if r.seconds > 0 and p.seconds > 0 and p.tokens]
-        tau = tokens / steps if steps else None
+        tau = sum(r.produced for r in rep.runs) / steps if steps else None
         tree_cost = interpolate_cost(curve_ms, rep.tree_nodes) / one_step_ms
         entry = {
-            "tokens_per_s": tokens / seconds if seconds else 0.0,
+            **_totals(pairs),
             "tau": tau,
-            "speedup_vs_plain": statistics.median(ratios) if ratios else None,
-            "outputs_match_plain": all(r.tokens == p.tokens for r, p in zip(rep.runs, plain_runs)),
-            "match_rate": sum(r.tokens == p.tokens for r, p in zip(rep.runs, plain_runs)) / max(1, len(rep.runs)),
-            "tokens": tokens,
-            "seconds": seconds,
+            "outputs_match_plain": all(r.tokens == p.tokens for r, p in pairs),
+            "match_rate": sum(r.tokens == p.tokens for r, p in pairs) / max(1, len(pairs)),
             "note": rep.note,
         }
         if name.startswith("medusa"):
@@ -153,18 +148,25 @@ def summarize(reports: dict[str, MethodReport], curve_ms: dict[int, float], prom
             entry["head_overhead_vs_plain_step"] = (heads_s / steps * 1e3 / one_step_ms) if steps else 0.0
         by_cat: dict[str, dict] = {}
         for cat in sorted({r.category for r in rep.runs}):
-            runs = [(r, p) for r, p in zip(rep.runs, plain_runs) if r.category == cat]
-            t = sum(len(r.tokens) for r, _ in runs)
-            s = sum(r.seconds for r, _ in runs)
-            st = sum(r.steps for r, _ in runs)
-            by_cat[cat] = {"tokens_per_s": t / s if s else 0.0, "tau": t / st if st else None,
-                           "speedup_vs_plain": statistics.median(
-                               [(len(r.tokens) / r.seconds) / (len(p.tokens) / p.seconds)
-                                for r, p in runs if p.tokens and r.seconds]) if runs else None}
+            cat_pairs = [(r, p) for r, p in pairs if r.category == cat]
+            st = sum(r.steps for r, _ in cat_pairs)
+            totals = _totals(cat_pairs)
+            by_cat[cat] = {"tokens_per_s": totals["tokens_per_s"], "speedup_vs_plain": totals["speedup_vs_plain"],
+                           "tau": sum(r.produced for r, _ in cat_pairs) / st if st else None}
         entry["per_category"] = by_cat
         methods[name] = entry
     return {"prompts": len(prompts), "max_tokens": max_tokens, "cost_curve_ms": {str(k): v for k, v in curve_ms.items()},
             "methods": methods}
+
+
+def _totals(pairs: list[tuple[Run, Run]]) -> dict:
+    """Tokens, seconds, tokens/s and the median per-prompt speedup of (run, plain run) pairs."""
+    tokens = sum(len(r.tokens) for r, _ in pairs)
+    seconds = sum(r.seconds for r, _ in pairs)
+    ratios = [(len(r.tokens) / r.seconds) / (len(p.tokens) / p.seconds)
+              for r, p in pairs if r.seconds > 0 and p.seconds > 0 and p.tokens]
+    return {"tokens_per_s": tokens / seconds if seconds else 0.0,
+            "speedup_vs_plain": statistics.median(ratios) if ratios else None, "tokens": tokens, "seconds": seconds}
 
 
 def format_report(result: dict) -> str:

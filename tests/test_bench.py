@@ -1,0 +1,31 @@
+"""The benchmark's arithmetic, on made-up runs (the end-to-end run is in test_cli)."""
+from __future__ import annotations
+
+import pytest
+
+from medusa_gguf.bench import MethodReport, Run, format_report, summarize
+
+CURVE = {1: 10.0, 2: 15.0, 10: 50.0}
+
+
+def test_summarize_counts_the_eos_step_and_takes_per_prompt_ratios():
+    plain = MethodReport("plain", runs=[Run("a", [1, 2, 3], 1.0, 4, produced=4), Run("b", [4] * 6, 1.0, 6, produced=6)])
+    medusa = MethodReport("medusa_static", tree_nodes=10, runs=[
+        Run("a", [1, 2, 3], 0.5, 2, heads_s=0.002, produced=4),  # twice as fast as plain on prompt a
+        Run("b", [4] * 5 + [9], 2.0, 2, heads_s=0.002, produced=6),  # half as fast, and a different output
+    ])
+    result = summarize({"plain": plain, "medusa_static": medusa}, CURVE, [{}, {}], 8)
+    p, m = result["methods"]["plain"], result["methods"]["medusa_static"]
+    assert p["tau"] == 1.0  # 10 tokens produced (EOS included) in 10 steps
+    assert m["tau"] == pytest.approx(10 / 4)
+    assert m["speedup_vs_plain"] == pytest.approx(statistics_median([2.0, 0.5]))
+    assert m["outputs_match_plain"] is False and m["match_rate"] == 0.5
+    assert m["tree_cost_in_plain_steps"] == pytest.approx(5.0) and m["ceiling_speedup"] == pytest.approx(0.5)
+    assert m["head_overhead_vs_plain_step"] == pytest.approx(0.004 / 4 * 1e3 / 10.0)
+    assert m["per_category"]["a"]["tau"] == 2.0 and m["per_category"]["a"]["speedup_vs_plain"] == pytest.approx(2.0)
+    assert "| medusa_static | 3.6 | 2.50 | 1.25x | 0.50x | 10.0% | no (50% of prompts) |" in format_report(result)
+
+
+def statistics_median(values):
+    values = sorted(values)
+    return (values[0] + values[-1]) / 2 if len(values) == 2 else values[len(values) // 2]
