@@ -129,12 +129,13 @@ def test_resume_without_state_is_a_clear_error(tmp_path):
         train(TrainArgs(train_files=(str(PROMPTS_SMALL),), output_dir=str(tmp_path), resume=True, epochs=1, threads=2))
 
 
-def test_ddp_two_processes(run, tmp_path):
+@pytest.mark.parametrize("head_type", ["medusa", "dependent"])
+def test_ddp_two_processes(run, tmp_path, head_type):
     """torchrun with 2 CPU processes (gloo): each rank extracts its own shard; rank 0 alone writes files."""
     out, _ = run
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(ROOT / "model" / "train_medusa.py"), *TINY_TRAIN_FLAGS, "--epochs", "1", "--threads", "1",
-           "--output_dir", str(tmp_path / "ddp"), "--cache_dir", str(out / "cache")]
+           "--head_type", head_type, "--output_dir", str(tmp_path / "ddp"), "--cache_dir", str(out / "cache")]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -143,3 +144,4 @@ def test_ddp_two_processes(run, tmp_path):
     assert (tmp_path / "ddp" / "medusa_heads_latest.pth").is_file()
     rows = (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()
     assert len(rows) == len(set(rows))  # one writer: no line written twice
+    assert read_heads_file(tmp_path / "ddp" / "medusa_heads_latest.pth")[0].head_type == head_type
