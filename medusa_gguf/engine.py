@@ -117,26 +117,27 @@ def plan_decoding(backend: Backend, settings: Settings, *, tree: str | None = No
                                 f"were trained for {config.base_model_name}, not this model file")
         path = shipped
     heads = load_heads_for(backend, path)
+    label = f"{heads.config.head_type} heads {path.name}"
     max_depth = min(heads.config.k_heads, settings.max_tokens_per_step - 1)
     if max_depth < 1:
         return DecodingPlan(None, None, "plain decoding: MAX_TOKENS_PER_STEP=1 leaves no room for drafts")
     if tree_setting == "chain":
         t = chain(max_depth)
-        return DecodingPlan(heads, t, f"{heads.config.head_type} heads {path.name} with a top-1 chain of depth {t.depth}", path)
+        return DecodingPlan(heads, t, f"{label} with a top-1 chain of depth {t.depth}", path)
     if tree_setting in NAMED_TREES:
         t = build_tree(c for c in NAMED_TREES[tree_setting] if len(c) <= max_depth)
-        return DecodingPlan(heads, t, f"{heads.config.head_type} heads {path.name} with the static {tree_setting} tree "
+        return DecodingPlan(heads, t, f"{label} with the static {tree_setting} tree "
                             f"({t.n_nodes} nodes, depth {t.depth})", path)
     if tree_setting != "auto":
         t = load_choices(tree_setting)
         if t.depth > heads.config.k_heads:
             raise ValueError(f"tree {tree_setting} is {t.depth} deep but {path} has {heads.config.k_heads} heads")
         t = build_tree(c for c in t.choices if len(c) <= max_depth)
-        return DecodingPlan(heads, t, f"{heads.config.head_type} heads {path.name} with the tree from {tree_setting} "
+        return DecodingPlan(heads, t, f"{label} with the tree from {tree_setting} "
                             f"({t.n_nodes} nodes, depth {t.depth})", path)
     if not heads.config.accuracy:
         t = chain(min(max_depth, 2))
-        return DecodingPlan(heads, t, f"{heads.config.head_type} heads {path.name} carry no accuracies to calibrate with; "
+        return DecodingPlan(heads, t, f"{label} carry no accuracies to calibrate with; "
                             f"using a top-1 chain of depth {t.depth}", path)
     curve = cost_curve(backend, settings)
     head_ms = head_cost_ms(heads, backend.n_embd, max_depth)
@@ -145,7 +146,7 @@ def plan_decoding(backend: Backend, settings: Settings, *, tree: str | None = No
     if cal.tree.depth == 0:
         return DecodingPlan(None, None, f"plain decoding: {cal.reason} (heads {path.name}, {heads.config.head_type} "
                             f"type, cost {head_ms[0]:.2f}-{head_ms[-1]:.2f} ms per step by depth)", path, cal)
-    return DecodingPlan(heads, cal.tree, f"{heads.config.head_type} heads {path.name}, calibrated tree: {cal.reason}", path, cal)
+    return DecodingPlan(heads, cal.tree, f"{label}, calibrated tree: {cal.reason}", path, cal)
 
 
 def load_heads_for(backend: Backend, path: Path):
@@ -156,8 +157,9 @@ def load_heads_for(backend: Backend, path: Path):
     from .models import embedding_matrix, output_matrix
 
     torch.set_num_threads(1)  # the heads are a few small matmuls; more threads only fight llama.cpp's
-    return load_heads(path, torch.from_numpy(output_matrix(backend.model_path)),
-                      embeddings=lambda: torch.from_numpy(embedding_matrix(backend.model_path)))
+    output = output_matrix(backend.model_path)
+    return load_heads(path, torch.from_numpy(output),
+                      embeddings=lambda: torch.from_numpy(embedding_matrix(backend.model_path, output)))
 
 
 def head_cost_ms(heads, n_embd: int, max_depth: int, repeats: int = 30) -> list[float]:

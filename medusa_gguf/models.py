@@ -167,9 +167,16 @@ def output_matrix(path: Path) -> np.ndarray:
     return _dequantized(path, info, name)
 
 
-def embedding_matrix(path: Path) -> np.ndarray:
-    """The input token embeddings [n_vocab, n_embd] (`token_embd.weight`) as float32."""
-    return _dequantized(path, inspect_gguf(path), "token_embd.weight")
+def embedding_matrix(path: Path, output: np.ndarray | None = None) -> np.ndarray:
+    """The input token embeddings [n_vocab, n_embd] (`token_embd.weight`) as float32.
+
+    For a model with tied embeddings (no `output.weight`) that is the output matrix: pass `output`, the result of
+    `output_matrix(path)`, and it is returned instead of being dequantized a second time.
+    """
+    info = inspect_gguf(path)
+    if output is not None and "output.weight" not in info.tensors:
+        return output
+    return _dequantized(path, info, "token_embd.weight")
 
 
 def _dequantized(path: Path, info: "GGUFInfo", name: str) -> np.ndarray:

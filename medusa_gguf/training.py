@@ -258,7 +258,8 @@ def train(args: TrainArgs) -> Path:
     log.info("rank %d: %d training rows from %d sequences; %d validation sequences",
              dist.rank, train_manifest.rows, train_manifest.sequences, len(val_seqs))
 
-    projection = torch.from_numpy(output_matrix(model_path))  # [n_vocab, n_embd], frozen
+    output = output_matrix(model_path)
+    projection = torch.from_numpy(output)  # [n_vocab, n_embd], frozen
     n_vocab, n_embd = projection.shape
     counts = torch.from_numpy(D.token_counts(train_paths, n_vocab, n_future))
     if dist.world > 1:
@@ -274,7 +275,8 @@ def train(args: TrainArgs) -> Path:
         draft_vocab_size=len(draft_ids) if draft_ids is not None else 0,
         base_model_name=model_path.name, base_model_sha256=model_sha, training_args=asdict(args),
     )
-    heads = build_heads(config, projection, lambda: torch.from_numpy(embedding_matrix(model_path)), draft_ids).to(device)
+    heads = build_heads(config, projection, lambda: torch.from_numpy(embedding_matrix(model_path, output)),
+                        draft_ids).to(device)
     model: nn.Module = heads
     if dist.world > 1:
         model = nn.parallel.DistributedDataParallel(heads, broadcast_buffers=False)

@@ -226,3 +226,13 @@ def test_tree_past_end_of_context(backend):
     backend.decode_tree([1, 2], [-1, 0])  # still usable
     backend.commit(1)
     assert backend.n_past == 1022
+
+
+def test_tied_embeddings_are_read_once(model_path):
+    """The default model ties its embeddings: the input table is the output matrix, reused when it is passed."""
+    from medusa_gguf.models import embedding_matrix
+
+    w_out = output_matrix(model_path)
+    fresh = embedding_matrix(model_path)  # dequantized from token_embd.weight
+    assert np.array_equal(fresh, w_out)
+    assert embedding_matrix(model_path, w_out) is w_out
