@@ -145,6 +145,7 @@ class Backend:
         self.streams = streams
         self.n_seq_max = streams or N_SEQ_MAX
         self.flash_attn = flash_attn
+        self.n_threads = settings.n_threads or default_threads()  # CPU threads of every decode
         self._load_model()
         self._new_context()
         self.n_past = 0
@@ -152,7 +153,7 @@ class Backend:
         log.info(
             "loaded %s (%s, %.1f MB, vocab %d, width %d, %d layers) n_ctx=%d threads=%s gpu_layers=%d",
             self.model_path, self.info.architecture, self.info.size_bytes / 1e6, self.n_vocab, self.n_embd,
-            self.n_layer, self.n_ctx, settings.n_threads or default_threads(), settings.n_gpu_layers,
+            self.n_layer, self.n_ctx, self.n_threads, settings.n_gpu_layers,
         )
 
     # -- loading ---------------------------------------------------------------------------------------------
@@ -185,7 +186,7 @@ class Backend:
         params.flash_attn_type = (
             lc.LLAMA_FLASH_ATTN_TYPE_ENABLED if self.flash_attn else lc.LLAMA_FLASH_ATTN_TYPE_DISABLED
         )
-        params.n_threads = params.n_threads_batch = self.settings.n_threads or default_threads()
+        params.n_threads = params.n_threads_batch = self.n_threads
         params.no_perf = True
         self._ctx = lc.llama_init_from_model(self._model, params)
         if not self._ctx:
@@ -471,7 +472,7 @@ class Backend:
         params = lc.llama_context_default_params()
         params.n_ctx = len(tokens) + chunk
         params.n_batch = params.n_ubatch = chunk
-        params.n_threads = params.n_threads_batch = self.settings.n_threads or default_threads()
+        params.n_threads = params.n_threads_batch = self.n_threads
         ctx = lc.llama_init_from_model(self._model, params)
         if not ctx:
             raise BackendError(f"could not create a context: {_recent_llama_errors()}")
@@ -574,6 +575,7 @@ class PromptLookup:
         from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
 
         path = resolve_model_path(settings.base_model_path)
+        threads = settings.n_threads or default_threads()
         default_params = low.llama_model_default_params
 
         def patched():  # the high-level class has no switch for the extra buffer types (AMX, see Settings)
@@ -584,8 +586,7 @@ class PromptLookup:
         low.llama_model_default_params = patched
         try:
             self.llm = lc.Llama(
-                str(path), n_ctx=settings.n_ctx, n_threads=settings.n_threads or default_threads(),
-                n_threads_batch=settings.n_threads or default_threads(),
+                str(path), n_ctx=settings.n_ctx, n_threads=threads, n_threads_batch=threads,
                 n_gpu_layers=settings.n_gpu_layers, use_mmap=settings.use_mmap, use_mlock=settings.use_mlock,
                 draft_model=LlamaPromptLookupDecoding(num_pred_tokens=num_pred_tokens), verbose=False,
             )

@@ -35,6 +35,7 @@ from torch import nn
 from .tree import Tree, node_tokens
 
 FORMAT = "medusa-gguf-heads/1"
+_HAS_INT8_MM = hasattr(torch.ops.aten, "_weight_int8pack_mm")  # torch's int8-weight matmul (CPU and CUDA)
 
 
 class HeadsError(ValueError):
@@ -88,9 +89,12 @@ class ResBlock(nn.Module):
 class MedusaHeads(nn.Module):
     """K heads over a frozen projection. forward(h) -> logits [..., K, V_draft]."""
 
-    def __init__(self, config: HeadsConfig, projection: torch.Tensor, draft_ids: torch.Tensor | None = None) -> None:
+    def __init__(self, config: HeadsConfig, projection: torch.Tensor, draft_ids: torch.Tensor | None = None,
+                 *, draft_int8: bool = True) -> None:
         super().__init__()
         self.config = config
+        self.draft_int8 = draft_int8  # drafts with int8 weights (see _Int8Linear); False: exact fp32
+        self._fast: _InferenceWeights | None = None  # built on the first draft
         c = config
         # A fresh module per head and per layer: `[block] * k` would repeat one module and share its weights.
         self.blocks = nn.ModuleList(
@@ -132,35 +136,27 @@ class MedusaHeads(nn.Module):
     @torch.inference_mode()
     def topk(self, hidden: np.ndarray, k: int, n_heads: int | None = None) -> np.ndarray:
         """Full-vocabulary ids of each head's k best candidates for one hidden state [n_embd] -> [K, k]."""
-        n = n_heads or self.config.k_heads
         fast = self._inference_weights()
-        x = torch.from_numpy(np.ascontiguousarray(hidden, dtype=np.float32)).expand(n, -1)  # [n, n_embd]
-        for w_down, b_down, w_up, b_up in fast.layers:  # every head's block in one batched product
-            z = nn.functional.silu(torch.baddbmm(b_down[:n], w_down[:n], x.unsqueeze(-1)))  # [n, hidden, 1]
-            x = x + torch.baddbmm(b_up[:n], w_up[:n], z).squeeze(-1)
-        logits = torch.bmm(x.unsqueeze(1), fast.projection_t[:n]).squeeze(1) if self.config.own_lm_head \
-            else x @ fast.projection_t
-        idx = torch.topk(logits, k, dim=-1).indices  # [n, k] in draft space
+        h = torch.from_numpy(np.ascontiguousarray(hidden, dtype=np.float32)).unsqueeze(0)  # [1, n_embd]
+        x = torch.cat([fast.block(i, h) for i in range(n_heads or self.config.k_heads)])  # [n, n_embd]
+        idx = torch.topk(fast.logits(x), k, dim=-1).indices  # [n, k] in draft space
         return self.draft_ids[idx].numpy()
 
     def _inference_weights(self) -> "_InferenceWeights":
-        """The weights rearranged for one-token inference (stacked per layer, projection transposed), rebuilt
-        whenever a parameter changed since the last call."""
-        version = tuple(p._version for p in self.parameters())
-        cached = getattr(self, "_fast", None)
-        if cached is None or cached.version != version:
+        """The weights laid out for drafting (int8 unless `draft_int8` is off), rebuilt whenever a parameter
+        changed since the last call."""
+        key = (self.draft_int8, *(p._version for p in self.parameters()))
+        cached = self._fast
+        if cached is None or cached.key != key:
+            linear = _Int8Linear if self.draft_int8 and _HAS_INT8_MM else _Linear
             with torch.no_grad():
-                layers = tuple(
-                    (torch.stack([self.blocks[k][l].down.weight for k in range(self.config.k_heads)]).contiguous(),
-                     torch.stack([self.blocks[k][l].down.bias for k in range(self.config.k_heads)]).unsqueeze(-1),
-                     torch.stack([self.blocks[k][l].up.weight for k in range(self.config.k_heads)]).contiguous(),
-                     torch.stack([self.blocks[k][l].up.bias for k in range(self.config.k_heads)]).unsqueeze(-1))
-                    for l in range(self.config.num_layers))
-                proj_t = self.lm_heads.transpose(1, 2).contiguous() if self.config.own_lm_head \
-                    else self.projection.T.contiguous()  # [K, D, V] or [D, V]
-                mix_t = tuple(tuple(layer.weight.T.contiguous() for layer in (m if isinstance(m, nn.Sequential) else [m]))
-                              for m in getattr(self, "mix", ()))
-            cached = _InferenceWeights(version, layers, proj_t, mix_t)
+                blocks = tuple(tuple((linear(b.down.weight, b.down.bias), linear(b.up.weight, b.up.bias))
+                                     for b in self.blocks[k]) for k in range(self.config.k_heads))
+                projections = tuple(linear(w, None) for w in self.lm_heads) if self.config.own_lm_head \
+                    else (linear(self.projection, None),)
+                mix = tuple(tuple(linear(layer.weight, None) for layer in (m if isinstance(m, nn.Sequential) else [m]))
+                            for m in getattr(self, "mix", ()))
+            cached = _InferenceWeights(key, blocks, projections, mix)
             self._fast = cached
         return cached
 
@@ -173,8 +169,8 @@ class DependentHeads(MedusaHeads):
     """Heads that also read the embeddings of the tokens fixed before them on the tree path (see the docstring)."""
 
     def __init__(self, config: HeadsConfig, projection: torch.Tensor, embeddings: torch.Tensor,
-                 draft_ids: torch.Tensor | None = None) -> None:
-        super().__init__(config, projection, draft_ids)
+                 draft_ids: torch.Tensor | None = None, *, draft_int8: bool = True) -> None:
+        super().__init__(config, projection, draft_ids, draft_int8=draft_int8)
         c = config
         if tuple(embeddings.shape) != (c.n_vocab, c.n_embd):
             raise HeadsError(f"token embeddings have shape {tuple(embeddings.shape)}; "
@@ -217,18 +213,15 @@ class DependentHeads(MedusaHeads):
         if tree.depth == 0:
             return tokens
         fast = self._inference_weights()
-        h = torch.from_numpy(np.ascontiguousarray(hidden, dtype=np.float32))
+        h = torch.from_numpy(np.ascontiguousarray(hidden, dtype=np.float32))  # [n_embd]
         paths = {0: [int(root)]}
         for i, level in enumerate(_levels(tree)):  # head i + 1 scores the nodes at depth i
             path = torch.tensor([paths[p] for p in level.parents])  # [P, i + 1]
-            e = self.embeddings[path].flatten(1).float()  # [P, (i + 1) * n_embd]
-            for m in fast.mix_t[i][:-1]:  # the low-rank factor A_k, if any
-                e = e @ m
-            x = torch.addmm(h, e, fast.mix_t[i][-1])  # [P, n_embd]
-            for w_down, b_down, w_up, b_up in fast.layers:
-                z = nn.functional.silu(torch.addmm(b_down[i, :, 0], x, w_down[i].T))
-                x = x + torch.addmm(b_up[i, :, 0], z, w_up[i].T)
-            logits = x @ (fast.projection_t[i] if self.config.own_lm_head else fast.projection_t)
+            e = self.embeddings[path].flatten(1)  # [P, (i + 1) * n_embd]
+            for linear in fast.mix[i]:  # M_k, or its factors A_k then B_k
+                e = linear(e)
+            x = fast.block(i, h + e)  # [P, n_embd]
+            logits = fast.logits(x, i)
             ids = self.draft_ids[torch.topk(logits, level.max_rank, dim=-1).indices].tolist()  # [P, k] full ids
             for node, row, rank in level.children:
                 tokens[node] = ids[row][rank]
@@ -236,12 +229,65 @@ class DependentHeads(MedusaHeads):
         return tokens
 
 
+class _Linear:
+    """y = x W^T + b over a few rows, W pre-transposed: the exact fp32 drafting path."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:  # weight [out, in]
+        self.weight_t = weight.detach().float().T.contiguous()  # [in, out]
+        self.bias = None if bias is None else bias.detach().float()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:  # [n, in] -> [n, out] fp32
+        y = x.float() @ self.weight_t
+        return y if self.bias is None else y + self.bias
+
+
+class _Int8Linear:
+    """y = x W^T + b with W stored as int8 rows and one scale per row (symmetric, per output channel).
+
+    A draft runs right after llama.cpp's decode has flushed the caches, so it costs the time to stream its weights
+    back in: int8 reads a quarter of fp32's bytes. Activations enter the kernel as bfloat16; the caller keeps the
+    residual stream in fp32. The drafts are guesses that the base model verifies, so this rounding cannot change
+    any output, only (slightly) which guesses are made.
+    """
+
+    ALIGN = 16  # torch's int8 kernel needs the inner size in multiples of 16 (it crashes otherwise): zero-pad
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:  # weight [out, in]
+        w = weight.detach().float()
+        self.pad = -w.shape[1] % self.ALIGN
+        w = nn.functional.pad(w, (0, self.pad))
+        scale = (w.abs().amax(dim=1) / 127).clamp(min=torch.finfo(torch.float32).tiny)  # [out]
+        self.weight = torch.round(w / scale[:, None]).to(torch.int8).contiguous()  # [out, in + pad]
+        self.scale = scale.to(torch.bfloat16)
+        self.bias = None if bias is None else bias.detach().float()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:  # [n, in] -> [n, out] fp32
+        x = x.to(torch.bfloat16)
+        if self.pad:
+            x = nn.functional.pad(x, (0, self.pad))
+        y = torch.ops.aten._weight_int8pack_mm(x, self.weight, self.scale).float()
+        return y if self.bias is None else y + self.bias
+
+
 @dataclass(frozen=True)
 class _InferenceWeights:
-    version: tuple[int, ...]  # parameter versions these were built from
-    layers: tuple[tuple[torch.Tensor, ...], ...]  # per layer: W_down [K, H, D], b_down [K, H, 1], W_up [K, D, H], b_up [K, D, 1]
-    projection_t: torch.Tensor  # [D, V_draft], or [K, D, V_draft] with own projections
-    mix_t: tuple[tuple[torch.Tensor, ...], ...]  # dependent heads: M_k transposed [k * D, D], or (A_k^T, B_k^T)
+    key: tuple  # (draft_int8, parameter versions) these were built from
+    blocks: tuple[tuple[tuple[_Linear, _Linear], ...], ...]  # [head][layer] = (down, up)
+    projections: tuple[_Linear, ...]  # the shared projection, or one per head with own_lm_head
+    mix: tuple[tuple[_Linear, ...], ...]  # dependent heads, per head: (M_k,) or (A_k, B_k)
+
+    def block(self, head: int, x: torch.Tensor) -> torch.Tensor:  # [n, n_embd] -> [n, n_embd]
+        for down, up in self.blocks[head]:
+            x = x + up(nn.functional.silu(down(x)))
+        return x
+
+    def logits(self, x: torch.Tensor, head: int | None = None) -> torch.Tensor:
+        """x [n, n_embd]: one row per head (head=None) or rows all for `head` -> logits [n, V_draft]."""
+        if len(self.projections) == 1:
+            return self.projections[0](x)
+        if head is not None:
+            return self.projections[head](x)
+        return torch.cat([self.projections[k](x[k : k + 1]) for k in range(x.shape[0])])
 
 
 @dataclass(frozen=True)
@@ -337,22 +383,24 @@ def check_compatible(config: HeadsConfig, path: Path, *, n_embd: int, n_vocab: i
 
 
 def build_heads(config: HeadsConfig, projection: torch.Tensor, embeddings=None,
-                draft_ids: torch.Tensor | None = None) -> MedusaHeads:
+                draft_ids: torch.Tensor | None = None, *, draft_int8: bool = True) -> MedusaHeads:
     """Heads of `config.head_type`. `embeddings` (a tensor, or a callable returning one) is read only when needed."""
     if config.head_type == "medusa":
-        return MedusaHeads(config, projection, draft_ids)
+        return MedusaHeads(config, projection, draft_ids, draft_int8=draft_int8)
     if embeddings is None:
         raise HeadsError("dependent heads need the base model's token embeddings")
-    return DependentHeads(config, projection, embeddings() if callable(embeddings) else embeddings, draft_ids)
+    return DependentHeads(config, projection, embeddings() if callable(embeddings) else embeddings, draft_ids,
+                          draft_int8=draft_int8)
 
 
-def load_heads(path: Path, projection: torch.Tensor, *, embeddings=None, k_heads: int | None = None) -> MedusaHeads:
+def load_heads(path: Path, projection: torch.Tensor, *, embeddings=None, k_heads: int | None = None,
+               draft_int8: bool = True) -> MedusaHeads:
     """Rebuild heads from a weights file; `projection` is the base output matrix [n_vocab, n_embd] and
     `embeddings` its token-embedding table (or a callable giving it), needed by dependent heads only."""
     config, state = read_heads_file(path)
     n_vocab, n_embd = projection.shape
     check_compatible(config, path, n_embd=n_embd, n_vocab=n_vocab, k_heads=k_heads)
-    heads = build_heads(config, projection, embeddings, state.get("draft_ids"))
+    heads = build_heads(config, projection, embeddings, state.get("draft_ids"), draft_int8=draft_int8)
     missing, unexpected = heads.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()},
                                                 strict=False)
     missing = [m for m in missing if m not in ("projection", "embeddings")]

@@ -7,19 +7,19 @@ import numpy as np
 import pytest
 import torch
 
-from medusa_gguf.heads import (DependentHeads, HeadsConfig, HeadsError, MedusaHeads, load_heads, read_heads_file,
-                               save_heads)
+from medusa_gguf.heads import (DependentHeads, HeadsConfig, HeadsError, MedusaHeads, _Int8Linear, load_heads,
+                               read_heads_file, save_heads)
 from medusa_gguf.tree import build_tree
 
 N_EMBD, N_VOCAB = 16, 50
 
 
-def make_heads(k=3, draft=None, **kw) -> MedusaHeads:
+def make_heads(k=3, draft=None, draft_int8=True, **kw) -> MedusaHeads:
     torch.manual_seed(0)
     proj = torch.randn(N_VOCAB, N_EMBD)
     cfg = HeadsConfig(k_heads=k, n_embd=N_EMBD, n_vocab=N_VOCAB, hidden_dim=8,
                       draft_vocab_size=len(draft) if draft is not None else 0, **kw)
-    return MedusaHeads(cfg, proj, draft)
+    return MedusaHeads(cfg, proj, draft, draft_int8=draft_int8)
 
 
 def test_untrained_heads_equal_the_base_lm_head():
@@ -116,13 +116,13 @@ def test_half_precision_file_is_smaller_and_close(tmp_path):
 # -- dependent heads ------------------------------------------------------------------------------------------------
 
 
-def make_dependent(k=3, draft=None, trained=False, **kw) -> DependentHeads:
+def make_dependent(k=3, draft=None, trained=False, draft_int8=True, **kw) -> DependentHeads:
     torch.manual_seed(0)
     proj = torch.randn(N_VOCAB, N_EMBD)
     emb = torch.randn(N_VOCAB, N_EMBD)
     cfg = HeadsConfig(k_heads=k, n_embd=N_EMBD, n_vocab=N_VOCAB, hidden_dim=8, head_type="dependent",
                       draft_vocab_size=len(draft) if draft is not None else 0, **kw)
-    heads = DependentHeads(cfg, proj, emb, draft)
+    heads = DependentHeads(cfg, proj, emb, draft, draft_int8=draft_int8)
     if trained:
         with torch.no_grad():
             for p in heads.parameters():
@@ -154,7 +154,7 @@ def test_dependent_heads_read_the_path_tokens():
 def test_level_by_level_draft_matches_teacher_forced_scores(mix_rank):
     """Each drafted node is its head's rank-r candidate given exactly the tokens above it on its path."""
     draft = torch.tensor([0, 3, 5, 8, 13, 21, 34, 40, 44, 49])
-    heads = make_dependent(draft=draft, trained=True, mix_rank=mix_rank)
+    heads = make_dependent(draft=draft, trained=True, mix_rank=mix_rank, draft_int8=False)  # exact fp32 drafts
     tree = build_tree([(0,), (1,), (2,), (0, 0), (0, 1), (1, 0), (0, 0, 0), (1, 0, 1)])
     h = torch.randn(N_EMBD)
     tokens = heads.draft(h.numpy(), 9, tree)
@@ -191,7 +191,8 @@ def test_dependent_heads_round_trip_and_need_embeddings(tmp_path, mix_rank):
 
 @pytest.mark.parametrize("own", [False, True])
 def test_fast_inference_path_matches_forward_and_follows_updates(own):
-    heads = make_heads(num_layers=2, draft=torch.tensor([0, 3, 5, 8, 13, 21, 34, 40]), own_lm_head=own)
+    heads = make_heads(num_layers=2, draft=torch.tensor([0, 3, 5, 8, 13, 21, 34, 40]), own_lm_head=own,
+                       draft_int8=False)
     for step in range(2):  # the second round changes the weights after the fast path was built
         with torch.no_grad():
             for p in heads.parameters():
@@ -199,3 +200,33 @@ def test_fast_inference_path_matches_forward_and_follows_updates(own):
         h = torch.randn(N_EMBD)
         want = heads.draft_ids[torch.topk(heads(h.unsqueeze(0))[0], 3, dim=-1).indices].numpy()
         assert np.array_equal(heads.topk(h.numpy(), 3), want)
+
+
+@pytest.mark.parametrize("head_type", ["medusa", "dependent"])
+def test_int8_drafts_track_the_exact_scores(head_type):
+    """int8 weights move the draft logits by well under 1% of their range and keep the top-1 candidate wherever
+    the exact top two are not a near-tie; widths that are not multiples of 16 exercise the kernel's zero-padding."""
+    torch.manual_seed(1)
+    d, v = 40, 300
+    cfg = HeadsConfig(k_heads=3, n_embd=d, n_vocab=v, hidden_dim=24, head_type=head_type)
+    proj, emb = torch.randn(v, d), torch.randn(v, d)
+    heads = MedusaHeads(cfg, proj) if head_type == "medusa" else DependentHeads(cfg, proj, emb)
+    with torch.no_grad():
+        for p in heads.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    heads.draft_int8 = True
+    quantized = heads._inference_weights()
+    heads.draft_int8 = False
+    exact = heads._inference_weights()
+    assert isinstance(quantized.projections[0], _Int8Linear) and quantized.projections[0].weight.dtype == torch.int8
+    h = torch.randn(64, d)
+    agree = kept = 0
+    for k in range(cfg.k_heads):
+        x = h + (exact.mix[k][0](emb[torch.randint(0, v, (64, k + 1))].flatten(1)) if head_type == "dependent" else 0)
+        want, got = exact.logits(exact.block(k, x)), quantized.logits(quantized.block(k, x))
+        assert (got - want).abs().max() < 0.01 * (want.max() - want.min())
+        top2 = torch.topk(want, 2, dim=-1)
+        clear = (top2.values[:, 0] - top2.values[:, 1]) > 0.01 * (want.max() - want.min())
+        kept += int(clear.sum())
+        agree += int((got.argmax(-1) == want.argmax(-1))[clear].sum())
+    assert kept > 100 and agree == kept
