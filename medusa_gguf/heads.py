@@ -144,21 +144,21 @@ class MedusaHeads(nn.Module):
 
     def _inference_weights(self) -> "_InferenceWeights":
         """The weights laid out for drafting (int8 unless `draft_int8` is off), rebuilt whenever a parameter
-        changed since the last call."""
-        key = (self.draft_int8, *(p._version for p in self.parameters()))
+        changed in place (training, load_state_dict) since the last call."""
         cached = self._fast
-        if cached is None or cached.key != key:
-            linear = _Int8Linear if self.draft_int8 and _HAS_INT8_MM else _Linear
-            with torch.no_grad():
-                blocks = tuple(tuple((linear(b.down.weight, b.down.bias), linear(b.up.weight, b.up.bias))
-                                     for b in self.blocks[k]) for k in range(self.config.k_heads))
-                projections = tuple(linear(w, None) for w in self.lm_heads) if self.config.own_lm_head \
-                    else (linear(self.projection, None),)
-                mix = tuple(tuple(linear(layer.weight, None) for layer in (m if isinstance(m, nn.Sequential) else [m]))
-                            for m in getattr(self, "mix", ()))
-            cached = _InferenceWeights(key, blocks, projections, mix)
-            self._fast = cached
-        return cached
+        if cached is not None and cached.int8 == self.draft_int8 and cached.versions == _versions(cached.params):
+            return cached
+        linear = _Int8Linear if self.draft_int8 and _HAS_INT8_MM else _Linear
+        with torch.no_grad():
+            blocks = tuple(tuple((linear(b.down.weight, b.down.bias), linear(b.up.weight, b.up.bias))
+                                 for b in self.blocks[k]) for k in range(self.config.k_heads))
+            projections = tuple(linear(w, None) for w in self.lm_heads) if self.config.own_lm_head \
+                else (linear(self.projection, None),)
+            mix = tuple(tuple(linear(layer.weight, None) for layer in (m if isinstance(m, nn.Sequential) else [m]))
+                        for m in getattr(self, "mix", ()))
+        params = tuple(self.parameters())
+        self._fast = _InferenceWeights(self.draft_int8, params, _versions(params), blocks, projections, mix)
+        return self._fast
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """Everything the weights file stores: the blocks, the draft ids, and own projections if any."""
@@ -269,9 +269,15 @@ class _Int8Linear:
         return y if self.bias is None else y + self.bias
 
 
+def _versions(params: tuple[nn.Parameter, ...]) -> tuple[int, ...]:
+    return tuple(p._version for p in params)  # bumped by every in-place change
+
+
 @dataclass(frozen=True)
 class _InferenceWeights:
-    key: tuple  # (draft_int8, parameter versions) these were built from
+    int8: bool
+    params: tuple[nn.Parameter, ...]  # the parameters these were built from (walking the module tree costs 65 us)
+    versions: tuple[int, ...]  # and their versions then
     blocks: tuple[tuple[tuple[_Linear, _Linear], ...], ...]  # [head][layer] = (down, up)
     projections: tuple[_Linear, ...]  # the shared projection, or one per head with own_lm_head
     mix: tuple[tuple[_Linear, ...], ...]  # dependent heads, per head: (M_k,) or (A_k, B_k)
