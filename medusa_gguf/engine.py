@@ -164,21 +164,26 @@ def load_heads_for(backend: Backend, path: Path):
                       embeddings=lambda: torch.from_numpy(embedding_matrix(backend.model_path, output)))
 
 
-def head_cost_ms(heads, n_embd: int, max_depth: int, repeats: int = 30) -> list[float]:
+def head_cost_ms(heads, n_embd: int, max_depth: int, repeats: int = 9, flush_mb: int = 64) -> list[float]:
     """Median time to draft a top-1 chain of each depth 1..max_depth for one hidden state (entry d - 1).
 
+    In the decode loop every draft follows a llama.cpp decode that has pushed the heads' weights out of the caches,
+    so each timed draft here follows a read of `flush_mb` MB (0: warm timings, which understate the in-loop cost).
     Medusa heads score every head in one call; dependent heads run once per level, so their cost grows with depth.
     """
     h = np.random.default_rng(0).standard_normal(n_embd).astype(np.float32)
+    flush = np.ones(flush_mb * 2**20 // 8)
     costs = []
     for depth in range(1, max_depth + 1):
         tree = chain(depth)
+        heads.draft(h, 0, tree)  # first-call work (weight layout, allocations)
         times = []
-        for _ in range(repeats + 3):
+        for _ in range(repeats):
+            flush.sum()
             t0 = time.perf_counter()
             heads.draft(h, 0, tree)
             times.append(time.perf_counter() - t0)
-        costs.append(float(np.median(times[3:]) * 1e3))
+        costs.append(float(np.median(times) * 1e3))
     return costs
 
 

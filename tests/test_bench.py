@@ -21,9 +21,11 @@ def test_summarize_counts_the_eos_step_and_takes_per_prompt_ratios():
     assert m["speedup_vs_plain"] == pytest.approx(statistics_median([2.0, 0.5]))
     assert m["outputs_match_plain"] is False and m["match_rate"] == 0.5
     assert m["tree_cost_in_plain_steps"] == pytest.approx(5.0) and m["ceiling_speedup"] == pytest.approx(0.5)
-    assert m["head_overhead_vs_plain_step"] == pytest.approx(0.004 / 4 * 1e3 / 10.0)
+    assert result["plain_step_ms"] == pytest.approx(2.0 / 10 * 1e3)  # plain's own steps, not the cost curve's
+    assert m["head_ms_per_step"] == pytest.approx(0.004 / 4 * 1e3)
+    assert m["head_overhead_vs_plain_step"] == pytest.approx(1.0 / 200.0)
     assert m["per_category"]["a"]["tau"] == 2.0 and m["per_category"]["a"]["speedup_vs_plain"] == pytest.approx(2.0)
-    assert "| medusa_static | 3.6 | 2.50 | 1.25x | 0.50x | 10.0% | no (50% of prompts) |" in format_report(result)
+    assert "| medusa_static | 3.6 | 2.50 | 1.25x | 0.50x | 0.5% | no: 50% of prompts match |" in format_report(result)
 
 
 def statistics_median(values):
