@@ -16,6 +16,9 @@ output matrix, read from the GGUF and frozen (not stored in the weights file), o
 vocabulary: the most frequent training targets, mapped back to full ids. `own_lm_head` trains one projection
 per head instead (initialised from the base matrix, stored in the file).
 
+Drafting (`draft`) runs on int8 copies of the weights by default (see _Int8Linear); training and `forward` stay
+in fp32, and `draft_int8=False` drafts with the exact fp32 weights.
+
 A weights file is `torch.save({"format": ..., "config": {...}, "state_dict": {...}})`, loaded with
 `torch.load(weights_only=True)`: data, never code. `.safetensors` export/import carries the config as JSON.
 """
@@ -35,7 +38,7 @@ from torch import nn
 from .tree import Tree, node_tokens
 
 FORMAT = "medusa-gguf-heads/1"
-_HAS_INT8_MM = hasattr(torch.ops.aten, "_weight_int8pack_mm")  # torch's int8-weight matmul (CPU and CUDA)
+_HAS_INT8_MM = hasattr(torch.ops.aten, "_weight_int8pack_mm")  # torch's int8-weight matmul; else drafts run in fp32
 
 
 class HeadsError(ValueError):
