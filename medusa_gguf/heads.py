@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -36,6 +37,8 @@ import torch
 from torch import nn
 
 from .tree import Tree, node_tokens
+
+log = logging.getLogger(__name__)
 
 FORMAT = "medusa-gguf-heads/1"
 _HAS_INT8_MM = hasattr(torch.ops.aten, "_weight_int8pack_mm")  # torch's int8-weight matmul; else drafts run in fp32
@@ -151,6 +154,9 @@ class MedusaHeads(nn.Module):
         cached = self._fast
         if cached is not None and cached.int8 == self.draft_int8 and cached.versions == _versions(cached.params):
             return cached
+        if self.draft_int8 and not _HAS_INT8_MM:
+            log.warning("torch %s has no int8-weight matmul (aten._weight_int8pack_mm): the heads draft in fp32",
+                        torch.__version__)
         linear = _Int8Linear if self.draft_int8 and _HAS_INT8_MM else _Linear
         with torch.no_grad():
             blocks = tuple(tuple((linear(b.down.weight, b.down.bias), linear(b.up.weight, b.up.bias))
