@@ -39,6 +39,7 @@ class Run:
     steps: int
     heads_s: float = 0.0
     produced: int = 0  # tokens the model produced, the final EOS included: tau counts these per step
+    guard_plain_steps: int = 0  # calibrated trees: steps the acceptance guard decoded plainly
 
 
 @dataclass
@@ -85,23 +86,23 @@ def run_bench(settings: Settings, prompts: list[dict], max_tokens: int, *, stati
     params = SamplingParams(max_tokens=max_tokens)
     tokenized = [engine.chat_prompt([{"role": "user", "content": p["prompt"]}]) for p in prompts]
 
-    def medusa(plan) -> Callable[[list[int]], tuple[list[int], int, int, float]]:
+    def medusa(plan) -> Callable[[list[int]], tuple[list[int], int, int, float, int]]:
         def go(tokens: list[int]):
             from .decoding import generate
 
             r = GenerationResult()
-            list(generate(backend, tokens, params, r, heads=plan.heads, tree=plan.tree))
-            return r.tokens, r.stats.tokens, r.stats.steps, r.stats.time_heads_s
+            list(generate(backend, tokens, params, r, heads=plan.heads, tree=plan.tree, guard=plan.guard()))
+            return r.tokens, r.stats.tokens, r.stats.steps, r.stats.time_heads_s, r.stats.guard_plain_steps
         return go
 
     def plain(tokens: list[int]):
         r = GenerationResult()
         list(engine.generate(tokens, params, r, plain=True))
-        return r.tokens, r.stats.tokens, r.stats.steps, 0.0
+        return r.tokens, r.stats.tokens, r.stats.steps, 0.0, 0
 
     def prompt_lookup(tokens: list[int]):
         out = lookup.generate(tokens, max_tokens)
-        return out, len(out), 0, 0.0  # its steps are not observable from outside llama-cpp-python
+        return out, len(out), 0, 0.0, 0  # its steps are not observable from outside llama-cpp-python
 
     runners = {"plain": plain, "prompt_lookup": prompt_lookup, **{name: medusa(plan) for name, plan in plans.items()}}
     reports = {
@@ -117,8 +118,9 @@ def run_bench(settings: Settings, prompts: list[dict], max_tokens: int, *, stati
         order = methods[i % len(methods) :] + methods[: i % len(methods)]
         for name in order:
             t0 = time.perf_counter()
-            out, produced, steps, heads_s = runners[name](tokens)
-            reports[name].runs.append(Run(prompt["category"], out, time.perf_counter() - t0, steps, heads_s, produced))
+            out, produced, steps, heads_s, guard_plain = runners[name](tokens)
+            reports[name].runs.append(Run(prompt["category"], out, time.perf_counter() - t0, steps, heads_s, produced,
+                                          guard_plain))
     lookup.close()
     engine.close()
     return summarize(reports, curve.ms, prompts, max_tokens)
@@ -146,7 +148,11 @@ def summarize(reports: dict[str, MethodReport], curve_ms: dict[int, float], prom
         if name.startswith("medusa"):
             entry["tree_nodes"] = rep.tree_nodes
             entry["tree_cost_in_plain_steps"] = tree_cost
-            entry["ceiling_speedup"] = (tau / tree_cost) if tau else None
+            # Steps the acceptance guard decoded plainly cost one plain step each, tree steps `tree_cost`.
+            guard_plain = sum(r.guard_plain_steps for r in rep.runs)
+            entry["guard_plain_steps_share"] = guard_plain / steps if steps else 0.0
+            step_costs = (steps - guard_plain) * tree_cost + guard_plain
+            entry["ceiling_speedup"] = tau * steps / step_costs if tau and step_costs else None
             heads_s = sum(r.heads_s for r in rep.runs)
             entry["head_ms_per_step"] = heads_s / steps * 1e3 if steps else 0.0
             entry["head_overhead_vs_plain_step"] = entry["head_ms_per_step"] / plain_step_ms
@@ -192,7 +198,9 @@ def format_report(result: dict) -> str:
             pc = m["per_category"][c]
             cells.append(f"{pc['tokens_per_s']:.1f} ({pc['tau']:.2f})" if pc["tau"] else f"{pc['tokens_per_s']:.1f}")
         lines.append(f"| {c} | " + " | ".join(cells) + " |")
-    lines += ["", "Notes:"] + [f"- {n}: {m['note']}" for n, m in result["methods"].items()]
+    lines += ["", "Notes:"] + [f"- {n}: {m['note']}" + (f" (acceptance guard: {100 * m['guard_plain_steps_share']:.0f}%"
+                                                         " of steps decoded plainly)" if m.get("guard_plain_steps_share") else "")
+                               for n, m in result["methods"].items()]
     return "\n".join(lines)
 
 

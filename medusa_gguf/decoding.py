@@ -55,6 +55,7 @@ class GenerationStats:
     steps: int = 0
     tokens: int = 0  # tokens produced by the model, including any dropped past a stop point
     accepted_per_depth: list[int] = field(default_factory=list)  # [d]: steps whose draft was accepted to depth d+1
+    guard_plain_steps: int = 0  # Medusa mode: steps the acceptance guard decoded plainly (drafts were not paying)
     time_heads_s: float = 0.0
     time_decode_s: float = 0.0
     time_total_s: float = 0.0
@@ -83,6 +84,7 @@ class GenerationStats:
             "tokens": self.tokens,
             "tau": round(self.tau, 4),
             "acceptance_rate_per_depth": [round(r, 4) for r in self.acceptance_rate_per_depth()],
+            "guard_plain_steps": self.guard_plain_steps,
             "tokens_per_s": round(self.tokens_per_s, 2),
             "time_heads_s": round(self.time_heads_s, 6),
             "time_decode_s": round(self.time_decode_s, 6),
@@ -120,6 +122,43 @@ def probabilities(logits: np.ndarray, params: SamplingParams) -> tuple[np.ndarra
         keep = int(np.searchsorted(np.cumsum(p), params.top_p) + 1)
         order, p = order[:keep], p[:keep] / p[:keep].sum()
     return order, p
+
+
+class AcceptanceGuard:
+    """Keeps a calibrated tree honest inside one request: decode plainly while its drafts do not pay.
+
+    The calibration predicts acceptance from the heads' validation accuracies; a given prompt can be harder. Every
+    `window` tree steps the guard compares the tokens per step they averaged with `break_even` (the tree step's cost
+    in plain steps, heads included). Below it, the next `cooldown` steps are plain (no heads, one token), then the
+    tree gets another window; each failed window doubles the cooldown (up to `max_cooldown`), a paying one resets it.
+    """
+
+    def __init__(self, break_even: float, *, window: int = 12, cooldown: int = 16, max_cooldown: int = 256) -> None:
+        if break_even <= 0 or window < 1 or cooldown < 1:
+            raise ValueError(f"bad guard settings: break_even={break_even}, window={window}, cooldown={cooldown}")
+        self.break_even, self.window, self.base_cooldown, self.max_cooldown = break_even, window, cooldown, max_cooldown
+        self.cooldown = cooldown
+        self.plain_left = 0
+        self.tokens = self.steps = 0  # of the current window
+
+    def use_tree(self) -> bool:
+        """Whether the next step drafts (else it is a plain step, counted against the cooldown)."""
+        if self.plain_left:
+            self.plain_left -= 1
+            return False
+        return True
+
+    def record(self, tokens: int) -> None:
+        """A tree step emitted `tokens` (accepted drafts + the base model's own token)."""
+        self.tokens, self.steps = self.tokens + tokens, self.steps + 1
+        if self.steps < self.window:
+            return
+        if self.tokens / self.steps < self.break_even:
+            self.plain_left = self.cooldown
+            self.cooldown = min(2 * self.cooldown, self.max_cooldown)
+        else:
+            self.cooldown = self.base_cooldown
+        self.tokens = self.steps = 0
 
 
 class Stepper(Protocol):
@@ -160,8 +199,8 @@ class MedusaStepper:
     """
 
     def __init__(self, backend: Backend, prefill: DecodeOutput, params: SamplingParams, stats: GenerationStats,
-                 heads, tree: Tree) -> None:
-        self.backend, self.params, self.stats, self.heads = backend, params, stats, heads
+                 heads, tree: Tree, guard: AcceptanceGuard | None = None) -> None:
+        self.backend, self.params, self.stats, self.heads, self.guard = backend, params, stats, heads, guard
         self.rng = np.random.default_rng(params.seed)
         self.logits, self.hidden = prefill.logits[-1], prefill.hidden[-1]
         self.pending: int | None = None
@@ -181,7 +220,9 @@ class MedusaStepper:
             self.pending = sample(self.logits, self.params, self.rng)
             return [self.pending]
         room = self.backend.n_ctx - self.backend.n_past  # positions left, the root's included
-        tree = self._tree(min(budget - 1, room - 1))
+        drafting = self.guard is None or self.guard.use_tree()
+        tree = self._tree(min(budget - 1, room - 1) if drafting else 0)
+        self.stats.guard_plain_steps += not drafting
         t0 = time.perf_counter()
         tokens = self.heads.draft(self.hidden, self.pending, tree) if tree.depth else [self.pending]
         t1 = time.perf_counter()
@@ -202,6 +243,8 @@ class MedusaStepper:
             path.append(tokens[i])
             i = tree.parents[i]
         self.pending = bonus
+        if self.guard is not None and tree.depth:
+            self.guard.record(len(path) + 1)
         return path[::-1] + [bonus]
 
     def _verify(self, tree: Tree, tokens: list[int], logits: np.ndarray) -> tuple[int, int]:
@@ -300,10 +343,12 @@ def generate(
     *,
     heads=None,
     tree: Tree | None = None,
+    guard: AcceptanceGuard | None = None,
 ) -> Iterator[str]:
     """Yield the text pieces of the completion of `prompt_tokens`; fill `result` (if given) as it goes.
 
-    With `heads` and a `tree` of depth >= 1 each step is a Medusa step; otherwise decoding is plain.
+    With `heads` and a `tree` of depth >= 1 each step is a Medusa step; otherwise decoding is plain. A `guard`
+    (fresh per request) turns drafting off for a while when the tree's acceptance falls below its cost.
     Closing the generator early (a client went away) stops decoding at once.
     """
     result = result if result is not None else GenerationResult()
@@ -312,7 +357,7 @@ def generate(
     scanner = _StopScanner(params.stop)
     prefill = backend.prefill(prompt_tokens)
     stepper: Stepper = (
-        MedusaStepper(backend, prefill, params, stats, heads, tree)
+        MedusaStepper(backend, prefill, params, stats, heads, tree, guard)
         if heads is not None and tree is not None and tree.depth > 0
         else PlainStepper(backend, prefill, params, stats)
     )

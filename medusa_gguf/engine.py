@@ -10,7 +10,8 @@ Choosing how to decode, in order:
    else plain decoding. The file says its head type (Medusa or dependent); both decode through the same code.
 3. The tree: TREE=auto calibrates one from the heads' recorded accuracies and this machine's measured cost
    curve (cached per model and settings); it falls back to plain decoding when no tree is predicted to be
-   faster. TREE=chain uses the top-1 chain, TREE=default and TREE=wide the static trees of `tree.py`, and
+   faster. Inside each request an acceptance guard then decodes plainly for a while whenever the tree's
+   tokens per step fall below its cost (decoding.AcceptanceGuard). TREE=chain uses the top-1 chain, TREE=default and TREE=wide the static trees of `tree.py`, and
    TREE=PATH loads choices from a JSON file. The tree is cut to
    MAX_TOKENS_PER_STEP - 1 levels.
 """
@@ -27,7 +28,7 @@ import numpy as np
 
 from .backend import Backend
 from .costs import CostCurve, measure_costs, save_curve
-from .decoding import GenerationResult, SamplingParams, generate
+from .decoding import AcceptanceGuard, GenerationResult, SamplingParams, generate
 from .models import file_sha256, user_cache_dir
 from .settings import Settings
 from .tree import DEFAULT_CHOICES, WIDE_CHOICES, Calibration, Tree, build_tree, calibrate_tree, chain, load_choices
@@ -49,6 +50,13 @@ class DecodingPlan:
     reason: str  # why this plan: printed in logs and returned in every response's stats
     weights_path: Path | None = None
     calibration: Calibration | None = None
+
+    def guard(self) -> AcceptanceGuard | None:
+        """A fresh acceptance guard for one request when the tree was calibrated (TREE=auto); a static tree
+        is used as asked."""
+        if self.heads is None or self.calibration is None or self.calibration.tree.depth == 0:
+            return None
+        return AcceptanceGuard(self.calibration.break_even_tokens)
 
 
 class Engine:
@@ -92,7 +100,8 @@ class Engine:
             result.stats.reason = "plain decoding requested" if plain else self.plan.reason
             return generate(self.backend, prompt_tokens, params, result)
         result.stats.reason = self.plan.reason
-        return generate(self.backend, prompt_tokens, params, result, heads=self.plan.heads, tree=self.plan.tree)
+        return generate(self.backend, prompt_tokens, params, result, heads=self.plan.heads, tree=self.plan.tree,
+                        guard=self.plan.guard())
 
     def close(self) -> None:
         self.backend.close()

@@ -221,6 +221,11 @@ class Calibration:
     reason: str  # one line, for logs and the benchmark
     table: list[tuple[int, float, float, float]]  # (n_nodes, expected_tokens, cost_ms, predicted_speedup) per size
 
+    @property
+    def break_even_tokens(self) -> float:
+        """Tokens per step the tree must average to match plain decoding: its step cost in plain steps."""
+        return self.expected_tokens_per_step / self.predicted_speedup
+
 
 def greedy_trees(accuracy: Sequence[Sequence[float]], max_depth: int, max_nodes: int) -> Iterable[Tree]:
     """Trees of 1, 2, ... max_nodes nodes, each adding the frontier node of highest path probability.
