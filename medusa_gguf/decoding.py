@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import codecs
 import functools
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Iterator, Protocol, Sequence
@@ -17,6 +18,8 @@ import numpy as np
 
 from .backend import Backend, DecodeOutput
 from .tree import Tree, build_tree
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -154,6 +157,8 @@ class AcceptanceGuard:
         if self.steps < self.window:
             return
         if self.tokens / self.steps < self.break_even:
+            log.debug("acceptance guard: %.2f tokens/step over %d tree steps, break-even %.2f: the next %d steps are plain",
+                      self.tokens / self.steps, self.steps, self.break_even, self.cooldown)
             self.plain_left = self.cooldown
             self.cooldown = min(2 * self.cooldown, self.max_cooldown)
         else:

@@ -277,6 +277,10 @@ class Metrics:
             "medusa_tokens_per_step", "mean tokens per decoding step of each generation (1 = plain decoding)",
             registry=r, buckets=(1, 1.25, 1.5, 1.75, 2, 2.5, 3, 3.5, 4, 5, 6, 8),
         )
+        self.guard_plain_steps = Counter(
+            "medusa_guard_plain_steps", "steps a calibrated tree's acceptance guard decoded plainly (drafts not paying)",
+            registry=r,
+        )
         self.cancelled = Counter(
             "medusa_cancelled_generations", "generations stopped because the client left", registry=r
         )
@@ -580,6 +584,7 @@ class _Server:
         self.metrics.completion_tokens.inc(len(result.tokens))
         if result.stats.steps:
             self.metrics.tokens_per_step.observe(result.stats.tau)
+        self.metrics.guard_plain_steps.inc(result.stats.guard_plain_steps)
 
     async def _collect(
         self, run: _Run, chat: bool, head: dict, n_choices: int, prompt_tokens: int, route: str, start: float

@@ -341,6 +341,7 @@ def test_metrics_count_requests_tokens_steps_and_latency(server, client, model, 
     assert _metric(server, "medusa_requests_total", '{route="/v1/completions",status="200"}') >= 1
     assert _metric(server, "medusa_requests_total", '{route="/v1/chat/completions",status="400"}') >= 1
     assert _metric(server, "medusa_tokens_per_step_count") >= 1
+    assert re.search(r"^medusa_guard_plain_steps_total \S+$", httpx.get(f"{server}/metrics").text, re.M)
     assert _metric(server, "medusa_time_to_first_token_seconds_count", '{route="/v1/completions"}') >= 1
     assert _metric(server, "medusa_request_latency_seconds_count", '{route="/v1/completions"}') >= 1
     assert "medusa_queue_depth 0.0" in httpx.get(f"{server}/metrics").text
