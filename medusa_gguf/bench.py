@@ -21,7 +21,7 @@ from typing import Callable
 from tqdm import tqdm
 
 from .backend import PromptLookup
-from .decoding import GenerationResult, SamplingParams
+from .decoding import GenerationResult, GenerationStats, SamplingParams, generate
 from .engine import SHIPPED_DEPENDENT_HEADS, SHIPPED_MEDUSA_HEADS, Engine, cost_curve, plan_decoding
 from .settings import Settings
 from .tree import interpolate_cost
@@ -86,23 +86,21 @@ def run_bench(settings: Settings, prompts: list[dict], max_tokens: int, *, stati
     params = SamplingParams(max_tokens=max_tokens)
     tokenized = [engine.chat_prompt([{"role": "user", "content": p["prompt"]}]) for p in prompts]
 
-    def medusa(plan) -> Callable[[list[int]], tuple[list[int], int, int, float, int]]:
-        def go(tokens: list[int]):
-            from .decoding import generate
-
+    def medusa(plan) -> Callable[[list[int]], GenerationResult]:
+        def go(tokens: list[int]) -> GenerationResult:
             r = GenerationResult()
             list(generate(backend, tokens, params, r, heads=plan.heads, tree=plan.tree, guard=plan.guard()))
-            return r.tokens, r.stats.tokens, r.stats.steps, r.stats.time_heads_s, r.stats.guard_plain_steps
+            return r
         return go
 
-    def plain(tokens: list[int]):
+    def plain(tokens: list[int]) -> GenerationResult:
         r = GenerationResult()
         list(engine.generate(tokens, params, r, plain=True))
-        return r.tokens, r.stats.tokens, r.stats.steps, 0.0, 0
+        return r
 
-    def prompt_lookup(tokens: list[int]):
-        out = lookup.generate(tokens, max_tokens)
-        return out, len(out), 0, 0.0, 0  # its steps are not observable from outside llama-cpp-python
+    def prompt_lookup(tokens: list[int]) -> GenerationResult:
+        out = lookup.generate(tokens, max_tokens)  # its steps are not observable from outside llama-cpp-python
+        return GenerationResult(tokens=out, stats=GenerationStats(tokens=len(out)))
 
     runners = {"plain": plain, "prompt_lookup": prompt_lookup, **{name: medusa(plan) for name, plan in plans.items()}}
     reports = {
@@ -118,9 +116,10 @@ def run_bench(settings: Settings, prompts: list[dict], max_tokens: int, *, stati
         order = methods[i % len(methods) :] + methods[: i % len(methods)]
         for name in order:
             t0 = time.perf_counter()
-            out, produced, steps, heads_s, guard_plain = runners[name](tokens)
-            reports[name].runs.append(Run(prompt["category"], out, time.perf_counter() - t0, steps, heads_s, produced,
-                                          guard_plain))
+            r = runners[name](tokens)
+            st = r.stats
+            reports[name].runs.append(Run(prompt["category"], r.tokens, time.perf_counter() - t0, st.steps,
+                                          st.time_heads_s, st.tokens, st.guard_plain_steps))
     lookup.close()
     engine.close()
     return summarize(reports, curve.ms, prompts, max_tokens)

@@ -11,8 +11,8 @@ Choosing how to decode, in order:
 3. The tree: TREE=auto calibrates one from the heads' recorded accuracies and this machine's measured cost
    curve (cached per model and settings); it falls back to plain decoding when no tree is predicted to be
    faster. Inside each request an acceptance guard then decodes plainly for a while whenever the tree's
-   tokens per step fall below its cost (decoding.AcceptanceGuard). TREE=chain uses the top-1 chain, TREE=default and TREE=wide the static trees of `tree.py`, and
-   TREE=PATH loads choices from a JSON file. The tree is cut to
+   tokens per step fall below its cost (decoding.AcceptanceGuard). TREE=chain uses the top-1 chain, TREE=default
+   and TREE=wide the static trees of `tree.py`, and TREE=PATH loads choices from a JSON file. The tree is cut to
    MAX_TOKENS_PER_STEP - 1 levels.
 """
 from __future__ import annotations
