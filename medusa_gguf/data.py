@@ -9,6 +9,11 @@ Shards: safetensors files with `hidden` [N, n_embd] fp16 (h_t for each kept posi
 (future[:, j] = token t+1+j, -1 past the end of the sequence; F = k_heads + 1, column 0 is the base model's own
 next token) and `offsets` [S+1] int64 (rows of each sequence). A manifest, keyed by the model file's hash, the
 token sequences and the settings, lets a re-run reuse them; any changed input rebuilds them.
+
+Only the rows the heads will meet at run time are kept: in a chat, h_t from the last prompt token on (the heads
+draft the model's answer, never the prompt or the chat template, whose boilerplate is trivially predictable and
+would flatter the accuracies that the tree calibration reads). The prompt's positions are still decoded as context.
+Plain texts keep every row.
 """
 from __future__ import annotations
 
@@ -169,24 +174,46 @@ def self_distill(backend: Backend, prompts: Sequence[str], cache: Path, *, max_n
 # -- tokens ------------------------------------------------------------------------------------------------------
 
 
-def tokenize_samples(backend: Backend, samples: Iterable[Sample], max_seq_len: int) -> list[list[int]]:
-    """Token sequences of at most max_seq_len: chats through the model's template, long texts in chunks."""
-    seqs: list[list[int]] = []
+@dataclass(frozen=True)
+class TokenSeq:
+    """One training sequence; rows (positions t) before `first_row` are context only: no loss, no accuracy."""
+
+    tokens: list[int]
+    first_row: int = 0
+
+
+def tokenize_samples(backend: Backend, samples: Iterable[Sample], max_seq_len: int, *,
+                     train_on_prompt: bool = False) -> list[TokenSeq]:
+    """Token sequences of at most max_seq_len: chats through the model's template, long texts in chunks.
+
+    A chat's rows start at the last token before its first assistant reply (whose hidden state drafts the reply),
+    unless `train_on_prompt`."""
+    seqs: list[TokenSeq] = []
     for s in samples:
+        first = 0
         if s.messages:
-            text = backend.apply_chat_template([{"role": r, "content": c} for r, c in s.messages],
-                                               add_generation_prompt=False)
-            toks = backend.tokenize(text)
+            messages = [{"role": r, "content": c} for r, c in s.messages]
+            toks = backend.tokenize(backend.apply_chat_template(messages, add_generation_prompt=False))
+            reply = next((i for i, m in enumerate(messages) if m["role"] == "assistant"), None)
+            if reply is not None and not train_on_prompt:
+                prompt = backend.tokenize(backend.apply_chat_template(messages[:reply], add_generation_prompt=True))
+                first = max(0, _common_prefix(prompt, toks) - 1)
         else:
             toks = backend.tokenize(s.text or "")
         for start in range(0, len(toks), max_seq_len):
             chunk = toks[start : start + max_seq_len]
-            if len(chunk) >= 3:  # need h_t and a token two steps ahead
-                seqs.append(chunk)
+            first_row = max(0, first - start)
+            if len(chunk) - first_row >= 3:  # need h_t and a token two steps ahead
+                seqs.append(TokenSeq(chunk, first_row))
     return seqs
 
 
-def split_sequences(seqs: list[list[int]], val_fraction: float, seed: int) -> tuple[list[list[int]], list[list[int]]]:
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    return next((i for i in range(n) if a[i] != b[i]), n)
+
+
+def split_sequences(seqs: list, val_fraction: float, seed: int) -> tuple[list, list]:
     """Deterministic train/validation split by whole sequences; validation gets at least one."""
     order = list(range(len(seqs)))
     random.Random(seed).shuffle(order)
@@ -211,10 +238,13 @@ class Manifest:
         return [folder / s for s in self.shards]
 
 
-def cache_key(model_sha256: str, seqs: Sequence[Sequence[int]], n_future: int) -> str:
+def cache_key(model_sha256: str, seqs: Sequence[Sequence[int]], n_future: int,
+              first_rows: Sequence[int] | None = None) -> str:
     digest = hashlib.sha256(f"{SHARD_VERSION}|{model_sha256}|{n_future}".encode())
     for s in seqs:
         digest.update(np.asarray(s, dtype=np.int32).tobytes() + b"|")
+    if first_rows is not None and any(first_rows):  # all rows kept: the same key as before rows could be skipped
+        digest.update(b"first_rows|" + np.asarray(first_rows, dtype=np.int64).tobytes())
     return digest.hexdigest()[:20]
 
 
@@ -229,16 +259,18 @@ def future_tokens(seq: Sequence[int], n_future: int) -> np.ndarray:
 
 def build_shards(
     backend: Backend, seqs: Sequence[Sequence[int]], folder: Path, *, model_sha256: str, n_future: int,
-    shard_rows: int = 32768, desc: str = "hidden states",
+    shard_rows: int = 32768, desc: str = "hidden states", first_rows: Sequence[int] | None = None,
 ) -> Manifest:
     """Extract h_t for every position of every sequence and write fp16 shards; reuse them if the key matches.
 
-    Memory stays bounded by one shard whatever the dataset size. Rows whose token t+2 does not exist (no
-    target for head 1) are dropped.
+    Memory stays bounded by one shard whatever the dataset size. Rows before the sequence's entry in `first_rows`
+    (context only, see `TokenSeq`) and rows whose token t+2 does not exist (no target for head 1) are dropped.
     """
     from safetensors.numpy import save_file
 
-    key = cache_key(model_sha256, seqs, n_future)
+    if first_rows is not None and len(first_rows) != len(seqs):
+        raise ValueError(f"first_rows has {len(first_rows)} entries for {len(seqs)} sequences")
+    key = cache_key(model_sha256, seqs, n_future, first_rows)
     manifest_path = folder / "manifest.json"
     if manifest_path.is_file():
         old = Manifest(**json.loads(manifest_path.read_text()))
@@ -272,20 +304,22 @@ def build_shards(
     bar = tqdm(total=total, desc=desc, unit="tok", unit_scale=True)
     group: list[Sequence[int]] = []
     group_tokens = 0
+    firsts: list[int] = []
     for i, seq in enumerate(seqs):
         group.append(seq)
+        firsts.append(first_rows[i] if first_rows is not None else 0)
         group_tokens += len(seq)
         if group_tokens < 4096 and i + 1 < len(seqs):
             continue
-        for s, h in zip(group, backend.extract_hidden(group)):
+        for s, first, h in zip(group, firsts, backend.extract_hidden(group)):
             fut = future_tokens(s, n_future)
-            keep = fut[:, 1] >= 0
+            keep = (fut[:, 1] >= 0) & (np.arange(len(s)) >= first)
             buf_h.append(h[keep].astype(np.float16))
             buf_t.append(np.asarray(s, dtype=np.int32)[keep])
             buf_f.append(fut[keep])
             lengths.append(int(keep.sum()))
         bar.update(group_tokens)
-        group, group_tokens = [], 0
+        group, firsts, group_tokens = [], [], 0
         if sum(lengths) >= shard_rows:
             flush()
     flush()

@@ -30,6 +30,7 @@ class TrainArgs:
     max_seq_len: int = 512
     val_fraction: float = 0.05
     max_train_sequences: int = 0  # 0: all; else train on the first N sequences only (data-size curves)
+    train_on_prompt: bool = False  # chats: also train and score the prompt's positions (default: the reply's only)
     output_dir: str = "medusa_heads_weights"
     cache_dir: str | None = None  # default: <output_dir>/cache
     k_heads: int = 5
@@ -73,6 +74,9 @@ def build_parser(prog: str = "train_medusa.py") -> argparse.ArgumentParser:
     g.add_argument("--distill_max_tokens", type=int, default=d.distill_max_tokens, help="answer length cap (default: %(default)s)")
     g.add_argument("--max_seq_len", type=int, default=d.max_seq_len, help="tokens per training sequence (default: %(default)s)")
     g.add_argument("--val_fraction", type=float, default=d.val_fraction, help="held-out share of sequences (default: %(default)s)")
+    g.add_argument("--train_on_prompt", action="store_true",
+                   help="chats: also train (and validate) on the prompt and chat-template positions; by default only "
+                        "the positions the heads meet when serving (from the last prompt token on) count")
     g.add_argument("--max_train_sequences", type=int, default=0,
                    help="train on the first N training sequences only, same hidden-state cache and validation set "
                         "(for data-size curves; 0: all)")

@@ -243,15 +243,21 @@ def train(args: TrainArgs) -> Path:
     samples = gather_samples(args, backend, cache)
     if dist.world > 1 and dist.main:
         torch.distributed.barrier()
-    seqs = D.tokenize_samples(backend, samples, args.max_seq_len)
+    seqs = D.tokenize_samples(backend, samples, args.max_seq_len, train_on_prompt=args.train_on_prompt)
+    context = sum(s.first_row for s in seqs)
+    if context:
+        log.info("%d of %d positions are prompt and chat template: decoded as context, not trained or scored "
+                 "(--train_on_prompt keeps them)", context, sum(len(s.tokens) for s in seqs))
     train_seqs, val_seqs = D.split_sequences(seqs, args.val_fraction, args.seed)
     n_future = args.k_heads + 1
-    train_manifest = D.build_shards(
-        backend, train_seqs[dist.rank :: dist.world], cache / f"train-rank{dist.rank}", model_sha256=model_sha,
-        n_future=n_future, desc=f"hidden states (train, rank {dist.rank})",
-    )
-    val_manifest = D.build_shards(backend, val_seqs, cache / "val", model_sha256=model_sha, n_future=n_future,
-                                  desc="hidden states (validation)") if dist.main else None
+
+    def shards(part: list[D.TokenSeq], folder: str, desc: str) -> D.Manifest:
+        return D.build_shards(backend, [s.tokens for s in part], cache / folder, model_sha256=model_sha,
+                              n_future=n_future, desc=desc, first_rows=[s.first_row for s in part])
+
+    train_manifest = shards(train_seqs[dist.rank :: dist.world], f"train-rank{dist.rank}",
+                            f"hidden states (train, rank {dist.rank})")
+    val_manifest = shards(val_seqs, "val", "hidden states (validation)") if dist.main else None
     backend.close()
     train_paths = train_manifest.paths(cache / f"train-rank{dist.rank}")
     val_paths = val_manifest.paths(cache / "val") if val_manifest else []

@@ -78,3 +78,35 @@ def test_shards_are_reused_and_rebuilt_when_inputs_change(backend, tmp_path):
     shard = D.read_shard(tmp_path / m3.shards[0])
     assert shard["hidden"].dtype == np.float16 and shard["hidden"].shape == (5 + 2, backend.n_embd)
     assert shard["offsets"].tolist() == [0, 5, 7] and shard["tokens"].tolist() == [1, 5, 9, 13, 17, 2, 4]
+
+
+def test_chats_train_on_the_reply_only(backend):
+    chat = D.Sample(messages=(("user", "Name a primary colour."), ("assistant", "Red is a primary colour.")))
+    prompt = backend.tokenize(backend.apply_chat_template([{"role": "user", "content": "Name a primary colour."}]))
+    [seq] = D.tokenize_samples(backend, [chat], max_seq_len=512)
+    # row first_row is the last prompt token (its hidden state drafts the reply); everything before is context
+    assert seq.first_row == len(prompt) - 1 and seq.tokens[: len(prompt)] == prompt
+    assert len(seq.tokens) > len(prompt) + 3
+    [whole] = D.tokenize_samples(backend, [chat], max_seq_len=512, train_on_prompt=True)
+    assert whole.tokens == seq.tokens and whole.first_row == 0
+    [text] = D.tokenize_samples(backend, [D.Sample(text="Red is a primary colour, and so is blue.")], max_seq_len=512)
+    assert text.first_row == 0
+    # chunks: the offset is carried into the chunk that holds it; chunks made only of prompt are dropped
+    chunks = D.tokenize_samples(backend, [chat], max_seq_len=len(prompt) // 2 + 1)
+    assert all(c.first_row < len(c.tokens) - 2 for c in chunks)
+    assert sum(len(c.tokens) - c.first_row for c in chunks) <= len(seq.tokens) - seq.first_row + len(chunks)
+
+
+def test_shards_drop_context_rows_and_key_on_them(backend, tmp_path):
+    seqs = [[1, 5, 9, 13, 17, 21, 25], [2, 4, 6, 8]]
+    whole = D.build_shards(backend, seqs, tmp_path / "a", model_sha256="abc", n_future=3)
+    assert D.build_shards(backend, seqs, tmp_path / "b", model_sha256="abc", n_future=3, first_rows=[0, 0]).key == whole.key
+    masked = D.build_shards(backend, seqs, tmp_path / "c", model_sha256="abc", n_future=3, first_rows=[3, 1])
+    assert masked.key != whole.key and masked.rows == (5 - 3) + (2 - 1)
+    shard = D.read_shard(tmp_path / "c" / masked.shards[0])
+    assert shard["offsets"].tolist() == [0, 2, 3] and shard["tokens"].tolist() == [13, 17, 4]
+    assert shard["future"][0].tolist() == [17, 21, 25]
+    full = D.read_shard(tmp_path / "a" / whole.shards[0])  # the kept rows hold the same hidden states as before
+    np.testing.assert_array_equal(shard["hidden"], full["hidden"][[3, 4, 6]])
+    with pytest.raises(ValueError, match="first_rows has 1 entries for 2 sequences"):
+        D.build_shards(backend, seqs, tmp_path / "d", model_sha256="abc", n_future=3, first_rows=[0])
