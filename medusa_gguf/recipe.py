@@ -86,7 +86,9 @@ def write_report(out: Path, args: TrainArgs, config, train_s: float, cal, head_m
         "",
         f"- Data: {args.max_samples} prompts of medusa_gguf/prompts/train.jsonl, answered greedily by the model itself"
         f" (at most {args.distill_max_tokens} tokens); {manifest['rows']} training positions from"
-        f" {manifest['sequences']} sequences; {last.get('val_positions', 0)} held-out positions.",
+        f" {manifest['sequences']} sequences; {last.get('val_positions', 0)} held-out positions"
+        + (" (every position, prompts included)." if args.train_on_prompt else
+           " (the answers' positions only, from the last prompt token on: the prompts are context)."),
         f"- Time on this machine (distillation, extraction and training): {train_s / 60:.1f} min{note}.",
         f"- Validation loss: {last.get('val_loss', float('nan')):.3f}.",
         f"- Validation acceptance (tokens per greedy step, default tree): {last.get('val_acceptance', float('nan')):.3f}.",
