@@ -3,8 +3,9 @@ and dependent heads with the same two trees (when dependent weights are given or
 
     medusa-gguf bench --prompts medusa_gguf/prompts/heldout.jsonl --max-tokens 128 --json bench.json --plot bench.png
 
-All methods run in one process on the same prompts, greedy, in an order that rotates with every prompt so that
-drift of a shared machine hits them alike. For each method: tokens/s, tau (tokens per step), the speedup over
+All methods run in one process on the same prompts, greedy, in an order that changes with every prompt so that
+drift of a shared machine hits them alike, and so that no method always runs right after the same other method
+(`balanced_orders`). For each method: tokens/s, tau (tokens per step), the speedup over
 plain decoding (median of per-prompt ratios), whether every output matched plain decoding, and, for Medusa,
 the head overhead and the ceiling tau / (tree cost in plain steps) that the machine allows.
 """
@@ -65,6 +66,25 @@ def read_prompts(path: Path, limit: int = 0) -> list[dict]:
     return rows
 
 
+def balanced_orders(n: int) -> list[list[int]]:
+    """Orders of n methods (a Williams design) in which every method takes every place equally often and follows
+    every other method equally often: n orders for even n, 2n for odd n.
+
+    Rotating one order is not enough: each method would nearly always run right after the same neighbour, and a
+    method that leaves the caches cold or the CPU hot (a drafting method, llama-cpp-python's own context) would
+    always slow down the same successor.
+    """
+    first, low, high = [0], 1, n - 1
+    while len(first) < n:  # 0, 1, n-1, 2, n-2, ...
+        first.append(low)
+        low += 1
+        if len(first) < n:
+            first.append(high)
+            high -= 1
+    orders = [[(m + i) % n for m in first] for i in range(n)]
+    return orders if n % 2 == 0 else orders + [order[::-1] for order in orders]
+
+
 def run_bench(settings: Settings, prompts: list[dict], max_tokens: int, *, static_tree: str = "default",
               weights: Path | None = None, dependent_weights: Path | None = None) -> dict:
     """Run every method on every prompt. `weights` (the medusa_* rows) defaults to MEDUSA_WEIGHTS_PATH, else the
@@ -112,9 +132,9 @@ def run_bench(settings: Settings, prompts: list[dict], max_tokens: int, *, stati
     for name in methods:  # warm-up: caches, allocations
         if name != "prompt_lookup":
             runners[name](tokenized[0][:8])
+    orders = balanced_orders(len(methods))
     for i, (prompt, tokens) in enumerate(tqdm(list(zip(prompts, tokenized)), desc="bench", unit="prompt")):
-        order = methods[i % len(methods) :] + methods[: i % len(methods)]
-        for name in order:
+        for name in (methods[j] for j in orders[i % len(orders)]):
             t0 = time.perf_counter()
             r = runners[name](tokens)
             st = r.stats

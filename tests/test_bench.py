@@ -31,3 +31,17 @@ def test_summarize_counts_the_eos_step_and_takes_per_prompt_ratios():
 def statistics_median(values):
     values = sorted(values)
     return (values[0] + values[-1]) / 2 if len(values) == 2 else values[len(values) // 2]
+
+
+@pytest.mark.parametrize("n", [1, 2, 4, 5, 6])
+def test_balanced_orders_place_and_precede_every_method_equally(n):
+    from collections import Counter
+
+    from medusa_gguf.bench import balanced_orders
+
+    orders = balanced_orders(n)
+    assert len(orders) == (n if n % 2 == 0 else 2 * n) and all(sorted(o) == list(range(n)) for o in orders)
+    for place in range(n):  # every method in every place equally often
+        assert len(set(Counter(o[place] for o in orders).values())) == 1
+    pairs = Counter((o[j], o[j + 1]) for o in orders for j in range(n - 1))
+    assert len(pairs) == n * (n - 1) and len(set(pairs.values())) <= 1  # each ordered pair of neighbours alike
