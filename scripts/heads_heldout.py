@@ -69,17 +69,26 @@ def main() -> None:
     stored = [row[0] for row in heads.config.accuracy]
     offline = (hits / np.maximum(counts, 1)).tolist()
     in_loop = accepted / steps if steps else 0.0
-    print(f"heads: {args.weights} ({heads.config.head_type}); prompts: {args.prompts} ({int(counts[0])} answer positions)")
+    weights, prompts = _shown(args.weights), _shown(args.prompts)
+    print(f"heads: {weights} ({heads.config.head_type}); prompts: {prompts} ({int(counts[0])} answer positions)")
     print("| head | top-1 in the weights file (validation) | top-1 offline, these prompts |")
     print("|---:|---:|---:|")
     for i in range(k):
         print(f"| {i + 1} | {stored[i]:.3f} | {offline[i]:.3f} |")
     print(f"head 1 in the decode loop (chain of depth 1): {accepted}/{steps} steps = {in_loop:.3f}")
     if args.json:
-        args.json.write_text(json.dumps({"weights": str(args.weights), "prompts": str(args.prompts),
+        args.json.write_text(json.dumps({"weights": weights, "prompts": prompts,
                                          "answer_positions": int(counts[0]), "top1_stored": stored,
                                          "top1_offline": offline, "head1_in_loop": in_loop}, indent=1) + "\n")
         print(f"wrote {args.json}")
+
+
+def _shown(path: Path) -> str:
+    """The path relative to the repository when it lies inside it (so that a JSON written here is portable)."""
+    try:
+        return str(path.resolve().relative_to(ROOT.resolve()))
+    except ValueError:
+        return str(path)
 
 
 if __name__ == "__main__":
