@@ -41,9 +41,10 @@ TINY_TRAIN_FLAGS = ["--self_distill", "--prompts_file", str(PROMPTS_SMALL), "--d
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
     """Heads trained through the founding document's entry point on a handful of self-distilled prompts
-    (about a minute). Returns (run folder, the trainer's log)."""
+    (about a minute; 6 epochs, since the answers alone are only ~2,000 positions). Returns (run folder, the
+    trainer's log)."""
     out = tmp_path_factory.mktemp("tiny_run")
-    cmd = [sys.executable, str(ROOT / "model" / "train_medusa.py"), *TINY_TRAIN_FLAGS, "--epochs", "3",
+    cmd = [sys.executable, str(ROOT / "model" / "train_medusa.py"), *TINY_TRAIN_FLAGS, "--epochs", "6",
            "--output_dir", str(out / "weights"), "--cache_dir", str(out / "cache")]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -54,7 +55,7 @@ def tiny_run(tmp_path_factory):
 def tiny_dependent_run(tiny_run):
     """Dependent heads trained on the same cached data as `tiny_run` (training only). Returns the run folder."""
     out = tiny_run[0]
-    cmd = [sys.executable, str(ROOT / "model" / "train_medusa.py"), *TINY_TRAIN_FLAGS, "--epochs", "3",
+    cmd = [sys.executable, str(ROOT / "model" / "train_medusa.py"), *TINY_TRAIN_FLAGS, "--epochs", "6",
            "--head_type", "dependent", "--output_dir", str(out / "dependent"), "--cache_dir", str(out / "cache")]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -96,16 +96,22 @@ def test_max_train_sequences_limits_the_data_not_the_cache(run, tmp_path):
 
 
 def test_training_hidden_states_equal_inference(run, backend):
-    """The h_t stored for training is exactly what the backend returns when it decodes the same tokens."""
+    """The h_t stored for training is exactly what the backend returns when it decodes the same tokens, and the
+    stored rows are the answer's: from the last prompt token on."""
     out, _ = run
+    prompts = [s.prompt() for s in D.read_file(PROMPTS_SMALL)]
+    samples = D.self_distill(backend, prompts, out / "cache" / "self_distill.jsonl")  # all cached: no decoding
+    _, val = D.split_sequences(D.tokenize_samples(backend, samples, 512), 0.2, seed=0)
+    seq = val[0]
+    assert seq.first_row > 0 and backend.detokenize(seq.tokens[: seq.first_row + 1]).endswith("assistant\n")
     shard = D.read_shard(val_paths(out)[0])
     rows = slice(shard["offsets"][0], shard["offsets"][1])
-    tokens = [int(t) for t in shard["tokens"][rows]]  # the sequence's tokens at the kept positions 0..n-1
-    backend.prefill(tokens[:1])
-    chain = tokens[1:41]
+    assert shard["tokens"][rows].tolist() == seq.tokens[seq.first_row : len(seq.tokens) - 2]
+    backend.prefill(seq.tokens[: seq.first_row + 1])
+    chain = seq.tokens[seq.first_row + 1 : seq.first_row + 41]
     node_states = backend.decode_tree(chain, list(range(-1, len(chain) - 1))).hidden
     backend.commit(-1)
-    # shard row t holds h_t; chain node i sits at position i+1
+    # shard row j holds h at position first_row + j; chain node i sits at position first_row + 1 + i
     assert np.array_equal(shard["hidden"][rows][1 : 1 + len(chain)], node_states.astype(np.float16))
 
 
