@@ -195,7 +195,7 @@ def tokenize_samples(backend: Backend, samples: Iterable[Sample], max_seq_len: i
             messages = [{"role": r, "content": c} for r, c in s.messages]
             toks = backend.tokenize(backend.apply_chat_template(messages, add_generation_prompt=False))
             reply = next((i for i, m in enumerate(messages) if m["role"] == "assistant"), None)
-            if reply is not None and not train_on_prompt:
+            if reply and not train_on_prompt:  # an opening assistant turn has no prompt: every row counts
                 prompt = backend.tokenize(backend.apply_chat_template(messages[:reply], add_generation_prompt=True))
                 first = max(0, _common_prefix(prompt, toks) - 1)
         else:

@@ -91,6 +91,8 @@ def test_chats_train_on_the_reply_only(backend):
     assert whole.tokens == seq.tokens and whole.first_row == 0
     [text] = D.tokenize_samples(backend, [D.Sample(text="Red is a primary colour, and so is blue.")], max_seq_len=512)
     assert text.first_row == 0
+    opening = D.Sample(messages=(("assistant", "How can I help?"), ("user", "Name a colour."), ("assistant", "Red.")))
+    assert D.tokenize_samples(backend, [opening], max_seq_len=512)[0].first_row == 0  # no prompt before it
     # chunks: the offset is carried into the chunk that holds it; chunks made only of prompt are dropped
     chunks = D.tokenize_samples(backend, [chat], max_seq_len=len(prompt) // 2 + 1)
     assert all(c.first_row < len(c.tokens) - 2 for c in chunks)
