@@ -302,16 +302,14 @@ def build_shards(
 
     total = sum(len(s) for s in seqs)
     bar = tqdm(total=total, desc=desc, unit="tok", unit_scale=True)
-    group: list[Sequence[int]] = []
+    group: list[tuple[Sequence[int], int]] = []  # (sequence, its first kept row)
     group_tokens = 0
-    firsts: list[int] = []
-    for i, seq in enumerate(seqs):
-        group.append(seq)
-        firsts.append(first_rows[i] if first_rows is not None else 0)
-        group_tokens += len(seq)
+    for i, item in enumerate(zip(seqs, first_rows if first_rows is not None else [0] * len(seqs))):
+        group.append(item)
+        group_tokens += len(item[0])
         if group_tokens < 4096 and i + 1 < len(seqs):
             continue
-        for s, first, h in zip(group, firsts, backend.extract_hidden(group)):
+        for (s, first), h in zip(group, backend.extract_hidden([s for s, _ in group])):
             fut = future_tokens(s, n_future)
             keep = (fut[:, 1] >= 0) & (np.arange(len(s)) >= first)
             buf_h.append(h[keep].astype(np.float16))
@@ -319,7 +317,7 @@ def build_shards(
             buf_f.append(fut[keep])
             lengths.append(int(keep.sum()))
         bar.update(group_tokens)
-        group, firsts, group_tokens = [], [], 0
+        group, group_tokens = [], 0
         if sum(lengths) >= shard_rows:
             flush()
     flush()

@@ -5,8 +5,8 @@
 The tree calibration multiplies the per-head accuracies stored in the weights file (measured on the training run's
 validation split). This script checks them on other prompts (by default the benchmark's held-out ones). For each
 prompt it decodes the greedy answer with a top-1 chain of depth 1 (head 1's best guess, verified in the loop), then
-extracts the hidden states of prompt + answer as training does and scores every head offline on the answer's
-positions (teacher forcing, like validation). It prints three columns for head 1 and the offline top-1 of every head:
+extracts the hidden states of prompt + answer and scores every head on the answer's positions with training's
+own shards and validation (teacher forcing). It prints three columns for head 1 and the offline top-1 of every head:
 the file's figure, the offline figure on these prompts, and the in-loop acceptance of the depth-1 chain.
 """
 from __future__ import annotations
@@ -14,17 +14,18 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import tempfile
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
 from medusa_gguf.bench import read_prompts
-from medusa_gguf.data import future_tokens
+from medusa_gguf.data import build_shards
 from medusa_gguf.decoding import GenerationResult, SamplingParams, generate
 from medusa_gguf.engine import SHIPPED_HEADS, Engine, load_heads_for
 from medusa_gguf.settings import Settings
+from medusa_gguf.training import evaluate
 from medusa_gguf.tree import chain
 
 ROOT = Path(__file__).parent.parent
@@ -47,8 +48,7 @@ def main() -> None:
     engine = Engine(settings)
     backend = engine.backend
     heads = load_heads_for(backend, args.weights)
-    k = heads.config.k_heads
-    hits, counts = np.zeros(k), np.zeros(k)
+    seqs, first_rows = [], []
     accepted = steps = 0
     for p in tqdm(read_prompts(args.prompts, args.limit), desc="prompts", unit="prompt"):
         prompt = engine.chat_prompt([{"role": "user", "content": p["prompt"]}])
@@ -56,30 +56,29 @@ def main() -> None:
         list(generate(backend, prompt, SamplingParams(max_tokens=args.max_tokens), result, heads=heads, tree=chain(1)))
         accepted += result.stats.accepted_per_depth[0] if result.stats.accepted_per_depth else 0
         steps += result.stats.steps
-        seq = prompt + result.tokens
-        first = len(prompt) - 1  # h of the last prompt token drafts the answer's second token
-        hidden = torch.from_numpy(backend.extract_hidden([seq])[0][first:]).float()
-        future = torch.from_numpy(future_tokens(seq, k + 1)[first:]).long()
-        with torch.inference_mode():
-            logits = heads(hidden, future[:, :k].clamp(min=0))  # dependent heads: the true earlier tokens
-        top1 = heads.draft_ids[logits.argmax(-1)]
-        truth = future[:, 1 : k + 1]
-        hits += ((top1 == truth) & (truth >= 0)).sum(0).numpy()
-        counts += (truth >= 0).sum(0).numpy()
+        seqs.append(prompt + result.tokens)
+        first_rows.append(len(prompt) - 1)  # h of the last prompt token drafts the answer's second token
+    with tempfile.TemporaryDirectory() as tmp:  # the answers' rows, extracted and scored as in training
+        manifest = build_shards(backend, seqs, Path(tmp), model_sha256="held-out", n_future=heads.config.k_heads + 1,
+                                first_rows=first_rows)
+        scores = evaluate(heads, manifest.paths(Path(tmp)), torch.device("cpu"), decay=0.8, batch_size=4)
+    k = heads.config.k_heads
     stored = [row[0] for row in heads.config.accuracy]
-    offline = (hits / np.maximum(counts, 1)).tolist()
+    offline = scores["top1"]
     in_loop = accepted / steps if steps else 0.0
     weights, prompts = _shown(args.weights), _shown(args.prompts)
-    print(f"heads: {weights} ({heads.config.head_type}); prompts: {prompts} ({int(counts[0])} answer positions)")
+    print(f"heads: {weights} ({heads.config.head_type}); prompts: {prompts} ({scores['val_positions']} answer positions)")
     print("| head | top-1 in the weights file (validation) | top-1 offline, these prompts |")
     print("|---:|---:|---:|")
     for i in range(k):
         print(f"| {i + 1} | {stored[i]:.3f} | {offline[i]:.3f} |")
+    print(f"tau of the default tree, offline, these prompts: {scores['val_acceptance']:.3f}")
     print(f"head 1 in the decode loop (chain of depth 1): {accepted}/{steps} steps = {in_loop:.3f}")
     if args.json:
         args.json.write_text(json.dumps({"weights": weights, "prompts": prompts,
-                                         "answer_positions": int(counts[0]), "top1_stored": stored,
-                                         "top1_offline": offline, "head1_in_loop": in_loop}, indent=1) + "\n")
+                                         "answer_positions": scores["val_positions"], "top1_stored": stored,
+                                         "top1_offline": offline, "tau_default_tree_offline": scores["val_acceptance"],
+                                         "head1_in_loop": in_loop}, indent=1) + "\n")
         print(f"wrote {args.json}")
 
 
