@@ -15,9 +15,10 @@ import logging
 import math
 import os
 import time
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,7 +30,7 @@ from .heads import HeadsConfig, MedusaHeads, atomic_torch_save, build_heads, sav
 from .models import embedding_matrix, file_sha256, output_matrix, resolve_model_path
 from .settings import Settings
 from .train_args import TrainArgs
-from .tree import DEFAULT_CHOICES, build_tree
+from .tree import DEFAULT_CHOICES, Tree, build_tree
 
 log = logging.getLogger(__name__)
 TOP_RANKS = 10  # accuracy is recorded for ranks 0..9 of each head
@@ -150,9 +151,11 @@ def medusa_loss(logits: torch.Tensor, targets: torch.Tensor, decay: float) -> tu
 
 
 @torch.no_grad()
-def evaluate(heads: MedusaHeads, paths: list[Path], device: torch.device, decay: float, batch_size: int) -> dict[str, Any]:
+def evaluate(heads: MedusaHeads, paths: list[Path], device: torch.device, decay: float, batch_size: int,
+             trees: Mapping[str, Tree] | None = None) -> dict[str, Any]:
     """Validation loss, per-head top-1/top-5 accuracy, rank accuracies and the greedy acceptance (tau) of the
-    default tree on held-out text. Accuracy counts every position, draft-vocabulary misses included.
+    default tree on held-out text (and of each of `trees`, under "tree_acceptance"). Accuracy counts every
+    position, draft-vocabulary misses included.
 
     Dependent heads are scored with the true earlier tokens as their path (teacher forcing), so their accuracy is
     conditional on the earlier tokens being right: what the tree calibration multiplies along a path. The
@@ -164,6 +167,7 @@ def evaluate(heads: MedusaHeads, paths: list[Path], device: torch.device, decay:
     rank_hits = torch.zeros(k_heads, TOP_RANKS, dtype=torch.float64)
     counts = torch.zeros(k_heads, dtype=torch.float64)
     loss_sum, loss_n, accepted_sum, positions = 0.0, 0, 0.0, 0
+    tree_sums = dict.fromkeys(trees or {}, 0.0)
     for hidden, future in batches(paths, batch_size, epoch=0, seed=12345):
         hidden, future = hidden.to(device).float(), future.to(device).long()
         logits = heads(hidden, future[:, :k_heads])  # [N, K, V]; dependent heads: given the true earlier tokens
@@ -176,6 +180,8 @@ def evaluate(heads: MedusaHeads, paths: list[Path], device: torch.device, decay:
         rank_hits += ((top == truth.unsqueeze(-1)) & valid.unsqueeze(-1)).sum(0).double().cpu()
         counts += valid.sum(0).double().cpu()
         accepted_sum += float(_accepted_depth(tree, top, future).sum())
+        for name in tree_sums:
+            tree_sums[name] += float(_accepted_depth(trees[name], top, future).sum())
         positions += len(hidden)
     acc = (rank_hits / counts.clamp(min=1).unsqueeze(-1)).tolist()
     heads.train()
@@ -186,6 +192,7 @@ def evaluate(heads: MedusaHeads, paths: list[Path], device: torch.device, decay:
         "accuracy": acc,
         "val_acceptance": 1.0 + accepted_sum / max(positions, 1),  # tokens per greedy step, default tree
         "val_positions": positions,
+        **({"tree_acceptance": {name: 1.0 + v / max(positions, 1) for name, v in tree_sums.items()}} if trees else {}),
     }
 
 

@@ -18,6 +18,7 @@ from medusa_gguf.heads import HeadsConfig, MedusaHeads, load_heads, read_heads_f
 from medusa_gguf.models import output_matrix
 from medusa_gguf.train_args import TrainArgs
 from medusa_gguf.training import evaluate, train
+from medusa_gguf.tree import DEFAULT_CHOICES, WIDE_CHOICES, build_tree, chain, plain
 
 from .conftest import PROMPTS_SMALL, ROOT, TINY_TRAIN_FLAGS
 
@@ -70,8 +71,14 @@ def test_head1_beats_trivial_predictors(run, projection, backend, head_type, req
     heads = load_heads_for(backend, folder / "medusa_heads_latest.pth")
     assert heads.config.head_type == head_type
     paths = val_paths(out)
-    result = evaluate(heads, paths, torch.device("cpu"), 0.8, 4)
+    trees = {"plain": plain(), "chain 1": chain(1), "default": build_tree(DEFAULT_CHOICES), "wide": build_tree(WIDE_CHOICES)}
+    result = evaluate(heads, paths, torch.device("cpu"), 0.8, 4, trees=trees)
     trained = result["top1"][0]
+    tau = result["tree_acceptance"]
+    assert tau["default"] == result["val_acceptance"]
+    # Each tree holds the one before it, so it accepts at least as deep at every position.
+    assert tau["plain"] == 1.0 < tau["chain 1"] <= tau["default"] < tau["wide"], tau
+    assert tau["chain 1"] <= 1.0 + trained + 1e-9
     # Trivial 1: the untrained head = the base model's own argmax at t, taken as a guess for t+2.
     untrained = MedusaHeads(HeadsConfig(k_heads=K, n_embd=576, n_vocab=49152, hidden_dim=288), projection)
     base_guess = evaluate(untrained, paths, torch.device("cpu"), 0.8, 4)["top1"][0]
