@@ -16,8 +16,7 @@ output matrix, read from the GGUF and frozen (not stored in the weights file), o
 vocabulary: the most frequent training targets, mapped back to full ids. `own_lm_head` trains one projection
 per head instead (initialised from the base matrix, stored in the file).
 
-Drafting (`draft`) runs on quantized copies of the weights by default: int8 (see _Int8Linear), and 4 bits for the
-projections onto the draft vocabulary, most of the bytes a draft reads (see _Int4Linear); training and `forward` stay
+Drafting (`draft`) runs on int8 copies of the weights by default (see _Int8Linear); training and `forward` stay
 in fp32, and `draft_int8=False` drafts with the exact fp32 weights.
 
 A weights file is `torch.save({"format": ..., "config": {...}, "state_dict": {...}})`, loaded with
@@ -43,7 +42,6 @@ log = logging.getLogger(__name__)
 
 FORMAT = "medusa-gguf-heads/1"
 _HAS_INT8_MM = hasattr(torch.ops.aten, "_weight_int8pack_mm")  # torch's int8-weight matmul; else drafts run in fp32
-_HAS_INT4_MM = hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")  # else the projections draft in int8 too
 
 
 class HeadsError(ValueError):
@@ -160,12 +158,11 @@ class MedusaHeads(nn.Module):
             log.warning("torch %s has no int8-weight matmul (aten._weight_int8pack_mm): the heads draft in fp32",
                         torch.__version__)
         linear = _Int8Linear if self.draft_int8 and _HAS_INT8_MM else _Linear
-        wide = _Int4Linear if self.draft_int8 and _HAS_INT4_MM else linear  # for the projections
         with torch.no_grad():
             blocks = tuple(tuple((linear(b.down.weight, b.down.bias), linear(b.up.weight, b.up.bias))
                                  for b in self.blocks[k]) for k in range(self.config.k_heads))
-            projections = tuple(wide(w, None) for w in self.lm_heads) if self.config.own_lm_head \
-                else (wide(self.projection, None),)
+            projections = tuple(linear(w, None) for w in self.lm_heads) if self.config.own_lm_head \
+                else (linear(self.projection, None),)
             mix = tuple(tuple(linear(layer.weight, None) for layer in (m if isinstance(m, nn.Sequential) else [m]))
                         for m in getattr(self, "mix", ()))
         params = tuple(self.parameters())
@@ -278,39 +275,6 @@ class _Int8Linear:
         if self.pad:
             x = nn.functional.pad(x, (0, self.pad))
         y = torch.ops.aten._weight_int8pack_mm(x, self.weight, self.scale).float()
-        return y if self.bias is None else y + self.bias
-
-
-class _Int4Linear:
-    """y = x W^T + b with W in 4 bits: each row's inputs in groups of 32 share a scale and an offset (asymmetric),
-    packed for torch's CPU int4-weight kernel. For the projections onto the draft vocabulary: they are most of the
-    bytes a draft reads (a [V_draft, n_embd] matrix per tree level for dependent heads), and 4 bits read half as
-    many as int8. Like _Int8Linear, this only changes which guesses are made, never an output.
-    """
-
-    GROUP = 32  # inputs per scale/offset; the kernel also wants the inner size a multiple of it
-    ROWS = 16  # and the output size a multiple of 16: zero rows pad it, and are cut from the result
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:  # weight [out, in]
-        w = weight.detach().float()
-        self.out = w.shape[0]
-        self.pad = -w.shape[1] % self.GROUP
-        w = nn.functional.pad(w, (0, self.pad, 0, -self.out % self.ROWS))
-        rows, cols = w.shape
-        groups = w.reshape(rows, cols // self.GROUP, self.GROUP)
-        low = groups.amin(dim=-1)
-        scale = ((groups.amax(dim=-1) - low) / 15).clamp(min=torch.finfo(torch.float32).tiny)  # [rows, groups]
-        q = torch.round((groups - low[..., None]) / scale[..., None]).clamp(0, 15).to(torch.int32).reshape(rows, cols)
-        self.weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2)  # [rows, cols / 2] uint8
-        # The kernel computes (q - 8) * scale + zero, so zero = low + 8 * scale; laid out [groups, rows, 2].
-        self.scale_zeros = torch.stack([scale, low + 8 * scale], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
-        self.bias = None if bias is None else bias.detach().float()
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:  # [n, in] -> [n, out] fp32
-        x = x.to(torch.bfloat16)
-        if self.pad:
-            x = nn.functional.pad(x, (0, self.pad))
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.weight, self.GROUP, self.scale_zeros)[:, : self.out].float()
         return y if self.bias is None else y + self.bias
 
 

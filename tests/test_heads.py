@@ -6,9 +6,8 @@ import pickle
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
-from medusa_gguf.heads import (DependentHeads, HeadsConfig, HeadsError, MedusaHeads, _Int4Linear, _Int8Linear, load_heads,
+from medusa_gguf.heads import (DependentHeads, HeadsConfig, HeadsError, MedusaHeads, _Int8Linear, load_heads,
                                read_heads_file, save_heads)
 from medusa_gguf.tree import build_tree
 
@@ -204,10 +203,9 @@ def test_fast_inference_path_matches_forward_and_follows_updates(own):
 
 
 @pytest.mark.parametrize("head_type", ["medusa", "dependent"])
-def test_quantized_drafts_track_the_exact_scores(head_type):
-    """int8 blocks and 4-bit projections move the draft logits by under 2% of their range and keep the top-1
-    candidate wherever the exact top two are not a near-tie; sizes that are not multiples of the kernels' (16 for
-    int8 and for the int4 rows, 32 for the int4 inputs) exercise their zero-padding."""
+def test_int8_drafts_track_the_exact_scores(head_type):
+    """int8 weights move the draft logits by well under 1% of their range and keep the top-1 candidate wherever
+    the exact top two are not a near-tie; widths that are not multiples of 16 exercise the kernel's zero-padding."""
     torch.manual_seed(1)
     d, v = 40, 300
     cfg = HeadsConfig(k_heads=3, n_embd=d, n_vocab=v, hidden_dim=24, head_type=head_type)
@@ -220,34 +218,15 @@ def test_quantized_drafts_track_the_exact_scores(head_type):
     quantized = heads._inference_weights()
     heads.draft_int8 = False
     exact = heads._inference_weights()
-    assert isinstance(quantized.blocks[0][0][0], _Int8Linear) and quantized.blocks[0][0][0].weight.dtype == torch.int8
-    assert isinstance(quantized.projections[0], _Int4Linear) and quantized.projections[0].weight.dtype == torch.uint8
-    assert quantized.projections[0].weight.numel() == 304 * 64 // 2  # two weights a byte, v and d padded to 304, 64
-    h = torch.randn(256, d)
+    assert isinstance(quantized.projections[0], _Int8Linear) and quantized.projections[0].weight.dtype == torch.int8
+    h = torch.randn(64, d)
     agree = kept = 0
     for k in range(cfg.k_heads):
-        x = h + (exact.mix[k][0](emb[torch.randint(0, v, (256, k + 1))].flatten(1)) if head_type == "dependent" else 0)
+        x = h + (exact.mix[k][0](emb[torch.randint(0, v, (64, k + 1))].flatten(1)) if head_type == "dependent" else 0)
         want, got = exact.logits(exact.block(k, x)), quantized.logits(quantized.block(k, x))
-        assert got.shape == want.shape
-        assert (got - want).abs().max() < 0.06 * (want.max() - want.min())
-        assert (got - want).abs().mean() < 0.015 * (want.max() - want.min())
+        assert (got - want).abs().max() < 0.01 * (want.max() - want.min())
         top2 = torch.topk(want, 2, dim=-1)
-        clear = (top2.values[:, 0] - top2.values[:, 1]) > 0.06 * (want.max() - want.min())
+        clear = (top2.values[:, 0] - top2.values[:, 1]) > 0.01 * (want.max() - want.min())
         kept += int(clear.sum())
         agree += int((got.argmax(-1) == want.argmax(-1))[clear].sum())
-    assert kept > 60 and agree == kept
-
-
-def test_int4_rounds_each_weight_to_the_grid_of_its_group():
-    """Every weight the int4 kernel uses lies within half a step of the original (a step: its group of 32's range
-    / 15; bfloat16 scales add a little), and sizes off the kernel's multiples are padded, then cut."""
-    torch.manual_seed(2)
-    out, inp = 45, 70  # padded to 48 rows and 96 inputs inside
-    w = torch.randn(out, inp)
-    used = _Int4Linear(w, None)(torch.eye(inp)).T  # row i of the identity reads input i: the weights as used
-    assert used.shape == (out, inp)
-    groups = nn.functional.pad(w, (0, 96 - inp)).reshape(out, 3, 32)
-    half_step = (groups.amax(-1) - groups.amin(-1)) / 30 + 0.01 * groups.abs().amax(-1)  # [out, 3]
-    err = nn.functional.pad((used - w).abs(), (0, 96 - inp)).reshape(out, 3, 32)
-    assert (err <= half_step[..., None]).all(), float((err - half_step[..., None]).max())
-    assert err.mean() > 1e-3  # it did round: 16 levels cannot hold Gaussian weights exactly
+    assert kept > 100 and agree == kept
