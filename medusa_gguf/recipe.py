@@ -27,7 +27,8 @@ def default_args(output_dir: Path, prompts: int, epochs: int, threads: int, head
     return TrainArgs(
         self_distill=True, prompts_file=str(PROMPTS), max_samples=prompts, distill_max_tokens=192,
         output_dir=str(output_dir), cache_dir=str(output_dir / "cache"), k_heads=5, head_type=head_type, num_layers=1,
-        draft_vocab_size=4096, batch_size=4, learning_rate=1e-3, epochs=epochs, save_steps=200, threads=threads,
+        own_lm_head=True, draft_vocab_size=4096, batch_size=4, learning_rate=1e-3, epochs=epochs, save_steps=200,
+        threads=threads,
     )
 
 
@@ -81,7 +82,8 @@ def write_report(out: Path, args: TrainArgs, config, train_s: float, cal, head_m
         "",
         f"Recipe: `medusa-gguf recipe default --prompts {args.max_samples} --epochs {args.epochs}"
         f" --head-type {args.head_type}`"
-        f" ({args.k_heads} {args.head_type} heads, {args.num_layers} residual block each, draft vocabulary {args.draft_vocab_size},"
+        f" ({args.k_heads} {args.head_type} heads, {args.num_layers} residual block each"
+        f"{', an own projection each' if args.own_lm_head else ''}, draft vocabulary {args.draft_vocab_size},"
         f" lr {args.learning_rate}, batch {args.batch_size} sequences).",
         "",
         f"- Data: {args.max_samples} prompts of medusa_gguf/prompts/train.jsonl, answered greedily by the model itself"
@@ -102,8 +104,9 @@ def write_report(out: Path, args: TrainArgs, config, train_s: float, cal, head_m
         f"Tree calibration on this machine (heads cost {' / '.join(f'{m:.2f}' for m in head_ms)} ms per step for"
         f" drafts of depth 1..{len(head_ms)}): {cal.reason}.",
         "",
-        f"Heads file: `{shipped.name}`, {shipped.stat().st_size / 1e6:.1f} MB (fp16; the projection is the model's own"
-        " embedding matrix, read from the GGUF).",
+        f"Heads file: `{shipped.name}`, {shipped.stat().st_size / 1e6:.1f} MB (fp16; "
+        + ("each head's projection onto the draft vocabulary is its own, trained from the model's output matrix)."
+           if args.own_lm_head else "the projection is the model's own output matrix, read from the GGUF)."),
         "",
         "![training curves](training_curves.png)",
     ]

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from medusa_gguf.decoding import GenerationResult, SamplingParams, generate
 from medusa_gguf.engine import SHIPPED, SHIPPED_HEADS, load_heads_for
@@ -23,7 +24,11 @@ def test_the_default_is_one_of_the_shipped_types():
 def test_shipped_heads_exist_and_are_small(head_type):
     path = SHIPPED[head_type]
     assert path.is_file(), f"{path} is missing: run `medusa-gguf recipe default --head-type {head_type} --install`"
-    assert path.stat().st_size < 20e6  # fp16; the projection and the embeddings come from the GGUF
+    config, state = read_heads_file(path)
+    # fp16, and no full-vocabulary matrix: the embeddings (and the base projection) come from the GGUF.
+    assert all(t.dtype == torch.float16 for t in state.values() if t.is_floating_point())
+    assert all(config.n_vocab not in t.shape for t in state.values()), {k: t.shape for k, t in state.items()}
+    assert path.stat().st_size < 40e6
 
 
 @pytest.mark.parametrize("head_type", SHIPPED)
@@ -59,4 +64,5 @@ def test_recipe_runs_end_to_end_in_a_tiny_configuration(tmp_path):
     assert "| 1 |" in report and "Tree calibration" in report
     config, _ = read_heads_file(out / "medusa_heads_shipped.pth")
     assert config.k_heads == 5 and config.accuracy and config.head_type == "dependent"  # the recipe's default
+    assert config.own_lm_head
     assert not (out / "cache" / "val" / "manifest.json").read_text() == ""
