@@ -1,12 +1,19 @@
-"""The machine's cost curve: time of one decode call with n tokens (logits for all), on the current model.
+"""What decoding costs on this machine, measured, never assumed.
 
-The Medusa tree is sized from this curve, so each number is the median of repeated warm calls, and the sizes
-are measured round-robin so that drift of a shared machine hits all of them alike.
+- `CostCurve` (`medusa-gguf costs`): the time of one decode call with n tokens at one context length.
+- `StepCosts`: the cost model the tree calibration and the benchmark use. It times whole steps of the decode
+  loop itself (decode, sequence bookkeeping, verification, Python) by tree size, leaves and context length, and
+  is cached under a key that covers everything it depends on (`cost_key`). The heads' drafting cost is measured
+  separately, per tree (`engine.draft_cost_ms`).
+
+Each number is the median of repeated warm runs, measured round-robin so that drift of a shared machine hits
+every size alike.
 """
 from __future__ import annotations
 
 import json
 import platform
+import random
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -95,4 +102,199 @@ def save_curve(curve: CostCurve, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(curve.to_json(), indent=2))
+    tmp.replace(path)
+
+
+# -- the step cost model ---------------------------------------------------------------------------------------
+
+STEP_SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 63)
+FAN_SIZES = (8, 32, 63)  # sizes also measured as a fan (root + n-1 leaves), for the per-leaf bookkeeping
+STEP_CONTEXTS = (64, 512, 2048)
+
+
+@dataclass(frozen=True)
+class StepCosts:
+    """What one decode-loop step costs on this machine, measured in the loop's own code (`MedusaStepper.step`
+    with a free drafter): the tree decode, the sequence bookkeeping (seq_cp per leaf, commit), the verification
+    and the Python around them, at several context lengths. The drafting cost is the heads' own, added per tree.
+
+    A tree of n nodes and L leaves at context c costs chain_ms[c][n] + (L - 1) * leaf_ms[c]; a plain step
+    costs plain_ms[c]; between measured contexts both are linear in c, beyond the last they extrapolate.
+    """
+
+    key: str  # the cache key: everything the numbers depend on
+    machine: dict  # the key's parts, readable
+    contexts: tuple[int, ...]
+    plain_ms: dict[int, float]  # context -> ms of one plain step (PlainStepper.step)
+    chain_ms: dict[int, dict[int, float]]  # context -> nodes -> ms of a one-leaf tree step
+    leaf_ms: dict[int, float]  # context -> ms per extra leaf
+
+    def plain(self, context: int) -> float:
+        return _lerp(self.contexts, [self.plain_ms[c] for c in self.contexts], context)
+
+    def tree(self, n_nodes: int, n_leaves: int, context: int) -> float:
+        """Milliseconds of a tree step without the drafting; a 1-node tree is a plain step."""
+        if n_nodes <= 1:
+            return self.plain(context)
+        at = [interpolate_n(self.chain_ms[c], n_nodes) + (n_leaves - 1) * self.leaf_ms[c] for c in self.contexts]
+        return _lerp(self.contexts, at, context)
+
+    def curve(self, context: int) -> dict[int, float]:
+        """The one-leaf step cost by tree size at one context (n=1: a plain step), for tables and plots."""
+        sizes = sorted(self.chain_ms[self.contexts[0]])
+        return {n: self.tree(n, 1, context) for n in sizes}
+
+    @classmethod
+    def from_curve(cls, ms: dict[int, float], context: int = 64, key: str = "given") -> "StepCosts":
+        """A model from a per-call cost curve alone (n tokens -> ms): no context growth, no leaf cost."""
+        return cls(key=key, machine={}, contexts=(context,), plain_ms={context: ms[1]}, chain_ms={context: dict(ms)},
+                   leaf_ms={context: 0.0})
+
+    def to_json(self) -> dict:
+        return {"key": self.key, "machine": self.machine, "contexts": list(self.contexts),
+                "plain_ms": {str(c): v for c, v in self.plain_ms.items()},
+                "chain_ms": {str(c): {str(n): v for n, v in row.items()} for c, row in self.chain_ms.items()},
+                "leaf_ms": {str(c): v for c, v in self.leaf_ms.items()}}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "StepCosts":
+        return cls(key=data["key"], machine=data["machine"], contexts=tuple(int(c) for c in data["contexts"]),
+                   plain_ms={int(c): float(v) for c, v in data["plain_ms"].items()},
+                   chain_ms={int(c): {int(n): float(v) for n, v in row.items()} for c, row in data["chain_ms"].items()},
+                   leaf_ms={int(c): float(v) for c, v in data["leaf_ms"].items()})
+
+
+def interpolate_n(ms: dict[int, float], n: int) -> float:
+    xs = sorted(ms)
+    return _lerp(xs, [ms[x] for x in xs], n)
+
+
+def _lerp(xs: Sequence[int], ys: Sequence[float], x: float) -> float:
+    """Piecewise-linear through (xs, ys); beyond either end, the line through the last two points (at least
+    the end value's half, so that a noisy slope cannot turn a cost negative)."""
+    if len(xs) == 1:
+        return ys[0]
+    i = 1
+    while i < len(xs) - 1 and x > xs[i]:
+        i += 1
+    y = ys[i - 1] + (ys[i] - ys[i - 1]) * (x - xs[i - 1]) / (xs[i] - xs[i - 1])
+    return max(y, 0.5 * min(ys[0], ys[-1]))
+
+
+def cost_key(backend: Backend) -> tuple[str, dict]:
+    """A key that changes with everything a step's cost depends on: the model file, the llama.cpp build and its
+    CPU features, the CPU, threads, buffer types, n_ctx, GPU layers and flash attention."""
+    import hashlib
+
+    import llama_cpp as lc
+
+    from .models import file_sha256
+
+    s = backend.settings
+    parts = {
+        "model_sha256": file_sha256(backend.model_path)[:16],
+        "llama_cpp_python": getattr(lc, "__version__", "?"),
+        "system_info": lc.llama_print_system_info().decode(errors="replace").strip(),
+        "cpu": _cpu_name(),
+        "threads": backend.n_threads,
+        "extra_bufts": s.use_extra_bufts,
+        "n_ctx": backend.n_ctx,
+        "gpu_layers": s.n_gpu_layers,
+        "flash_attn": backend.flash_attn,
+        "format": 2,
+    }
+    digest = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
+    return digest, parts
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def fan(n: int):
+    """A root with n - 1 children: n - 1 leaves, the most bookkeeping a tree of n nodes can need."""
+    from .tree import build_tree
+
+    return build_tree((r,) for r in range(n - 1))
+
+
+def measure_step_costs(
+    backend: Backend,
+    *,
+    sizes: Sequence[int] = STEP_SIZES,
+    contexts: Sequence[int] = STEP_CONTEXTS,
+    repeats: int = 5,
+    progress: bool = True,
+) -> StepCosts:
+    """Time whole decode-loop steps (median of `repeats`, sizes round-robin) at each context length that fits."""
+    from .decoding import GenerationStats, MedusaStepper, PlainStepper, SamplingParams
+    from .tree import chain
+
+    key, parts = cost_key(backend)
+    contexts = tuple(c for c in contexts if c + max(sizes) + 8 <= backend.n_ctx) or (min(64, backend.n_ctx // 4),)
+    params = SamplingParams(max_tokens=1 << 20)
+    shapes = [("plain", 1)] + [("chain", n) for n in sizes if n > 1] + [("fan", n) for n in FAN_SIZES if n in sizes]
+    trees = {("chain", n): chain(n - 1) for n in sizes if n > 1} | {("fan", n): fan(n) for n in FAN_SIZES}
+    plain_ms, chain_ms, leaf_ms = {}, {}, {}
+    bar = tqdm(total=len(contexts) * (repeats + 1) * len(shapes), desc="step costs", unit="step", disable=not progress)
+    for ctx in contexts:
+        prefill = backend.prefill([(i * 7919 + 13) % backend.n_vocab for i in range(1, ctx + 1)])
+        samples: dict[tuple[str, int], list[float]] = {s: [] for s in shapes}
+        for r in range(repeats + 1):  # the first round warms up
+            for shape in shapes:
+                backend.rollback(ctx)  # the same context for every step: the prompt, nothing after it
+                stats = GenerationStats()
+                if shape[0] == "plain":
+                    stepper = PlainStepper(backend, prefill, params, stats)
+                else:
+                    stepper = MedusaStepper(backend, prefill, params, stats, _FreeDrafter(backend.n_vocab),
+                                            trees[shape])
+                stepper.step(8)  # the first token comes from the prompt's logits: no decode
+                t0 = time.perf_counter()
+                stepper.step(64)
+                if r:
+                    samples[shape].append((time.perf_counter() - t0) * 1e3)
+                bar.update()
+        med = {s: statistics.median(v) for s, v in samples.items()}
+        plain_ms[ctx] = med[("plain", 1)]
+        chain_ms[ctx] = {1: med[("plain", 1)], **{n: med[("chain", n)] for n in sizes if n > 1}}
+        per_leaf = [(med[("fan", n)] - med[("chain", n)]) / (n - 2) for n in FAN_SIZES if n in sizes and n > 2]
+        leaf_ms[ctx] = max(0.0, statistics.median(per_leaf)) if per_leaf else 0.0
+    bar.close()
+    backend.reset()
+    return StepCosts(key=key, machine=parts, contexts=contexts, plain_ms=plain_ms, chain_ms=chain_ms, leaf_ms=leaf_ms)
+
+
+class _FreeDrafter:
+    """Drafts cost nothing here: random tokens, so that only the step's own work is timed."""
+
+    def __init__(self, n_vocab: int) -> None:
+        self.n_vocab = n_vocab
+        self.rng = random.Random(0)
+
+    def draft(self, hidden, root: int, tree) -> list[int]:
+        return [root] + [self.rng.randrange(self.n_vocab) for _ in range(tree.n_nodes - 1)]
+
+
+def format_step_costs(costs: StepCosts) -> str:
+    lines = ["| tree nodes | " + " | ".join(f"ms at {c} tokens of context" for c in costs.contexts) + " |",
+             "|---:|" + "---:|" * len(costs.contexts)]
+    for n in sorted(costs.chain_ms[costs.contexts[0]]):
+        cells = [f"{costs.tree(n, 1, c):.2f} ({costs.tree(n, 1, c) / costs.plain(c):.2f}x)" for c in costs.contexts]
+        lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    lines.append("| per extra leaf | " + " | ".join(f"{costs.leaf_ms[c]:.3f}" for c in costs.contexts) + " |")
+    return "\n".join(lines)
+
+
+def save_json(data: dict, path: Path) -> None:
+    """Write JSON atomically (a killed run leaves the old file or the new one, never half of one)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
     tmp.replace(path)

@@ -11,13 +11,14 @@ import codecs
 import functools
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass, field
-from typing import Iterator, Protocol, Sequence
+from typing import Callable, Iterator, Protocol, Sequence
 
 import numpy as np
 
 from .backend import Backend, DecodeOutput
-from .tree import Tree, build_tree
+from .tree import Tree, TreeSchedule, build_tree, n_leaves
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,9 @@ class GenerationStats:
     time_heads_s: float = 0.0
     time_decode_s: float = 0.0
     time_total_s: float = 0.0
+    # One entry per decode step when a caller asks for it (a list, not None): (context tokens before the step,
+    # tree nodes, tree leaves, seconds). The benchmark checks the cost model's predictions against it.
+    trace: list[tuple[int, int, int, float]] | None = None
 
     @property
     def tau(self) -> float:
@@ -128,21 +132,27 @@ def probabilities(logits: np.ndarray, params: SamplingParams) -> tuple[np.ndarra
 
 
 class AcceptanceGuard:
-    """Keeps a calibrated tree honest inside one request: decode plainly while its drafts do not pay.
+    """Keeps a calibrated tree honest inside one request, by the clock: decode plainly while drafting is slower.
 
-    The calibration predicts acceptance from the heads' validation accuracies; a given prompt can be harder. Every
-    `window` tree steps the guard compares the tokens per step they averaged with `break_even` (the tree step's cost
-    in plain steps, heads included). Below it, the next `cooldown` steps are plain (no heads, one token), then the
-    tree gets another window; each failed window doubles the cooldown (up to `max_cooldown`), a paying one resets it.
+    The calibration predicts from the heads' validation accuracies and the measured cost model; a given prompt can
+    be harder and the machine busier. Every `window` tree steps the guard compares their tokens per second (tokens
+    emitted over their wall time, drafting included) with plain decoding's, 1 / the time of a plain step at the
+    current context: the cost model's prediction, scaled by what this request's own plain steps measured against
+    it. Below it, the next `cooldown` steps are plain (no heads, one token), then the tree gets another window; each
+    failed window doubles the cooldown (up to `max_cooldown`), a paying one resets it.
     """
 
-    def __init__(self, break_even: float, *, window: int = 12, cooldown: int = 16, max_cooldown: int = 256) -> None:
-        if break_even <= 0 or window < 1 or cooldown < 1:
-            raise ValueError(f"bad guard settings: break_even={break_even}, window={window}, cooldown={cooldown}")
-        self.break_even, self.window, self.base_cooldown, self.max_cooldown = break_even, window, cooldown, max_cooldown
+    def __init__(self, plain_step_s: Callable[[int], float], *, window: int = 12, cooldown: int = 16,
+                 max_cooldown: int = 256) -> None:
+        if window < 1 or cooldown < 1:
+            raise ValueError(f"bad guard settings: window={window}, cooldown={cooldown}")
+        self.predicted_plain_s = plain_step_s  # context length -> seconds of one plain step
+        self.window, self.base_cooldown, self.max_cooldown = window, cooldown, max_cooldown
         self.cooldown = cooldown
         self.plain_left = 0
         self.tokens = self.steps = 0  # of the current window
+        self.seconds = 0.0
+        self.plain_ratios: deque[float] = deque(maxlen=16)  # measured / predicted, of this request's plain steps
 
     def use_tree(self) -> bool:
         """Whether the next step drafts (else it is a plain step, counted against the cooldown)."""
@@ -151,19 +161,32 @@ class AcceptanceGuard:
             return False
         return True
 
-    def record(self, tokens: int) -> None:
-        """A tree step emitted `tokens` (accepted drafts + the base model's own token)."""
-        self.tokens, self.steps = self.tokens + tokens, self.steps + 1
+    def plain_s(self, context: int) -> float:
+        """Seconds a plain step takes now at this context: predicted, corrected by the measured plain steps."""
+        ratio = float(np.median(self.plain_ratios)) if self.plain_ratios else 1.0
+        return self.predicted_plain_s(context) * ratio
+
+    def record_plain(self, seconds: float, context: int) -> None:
+        predicted = self.predicted_plain_s(context)
+        if predicted > 0:
+            self.plain_ratios.append(seconds / predicted)
+
+    def record_tree(self, tokens: int, seconds: float, context: int) -> None:
+        """A tree step emitted `tokens` (accepted drafts + the base model's own token) in `seconds`."""
+        self.tokens, self.steps, self.seconds = self.tokens + tokens, self.steps + 1, self.seconds + seconds
         if self.steps < self.window:
             return
-        if self.tokens / self.steps < self.break_even:
-            log.debug("acceptance guard: %.2f tokens/step over %d tree steps, break-even %.2f: the next %d steps are plain",
-                      self.tokens / self.steps, self.steps, self.break_even, self.cooldown)
+        tree_rate, plain_rate = self.tokens / self.seconds, 1.0 / self.plain_s(context)
+        if tree_rate < plain_rate:
+            log.debug("acceptance guard: %.1f tokens/s over %d tree steps (%.2f tokens/step), plain %.1f tokens/s: "
+                      "the next %d steps are plain", tree_rate, self.steps, self.tokens / self.steps, plain_rate,
+                      self.cooldown)
             self.plain_left = self.cooldown
             self.cooldown = min(2 * self.cooldown, self.max_cooldown)
         else:
             self.cooldown = self.base_cooldown
         self.tokens = self.steps = 0
+        self.seconds = 0.0
 
 
 class Stepper(Protocol):
@@ -186,11 +209,14 @@ class PlainStepper:
         self.pending: int | None = None
 
     def step(self, budget: int) -> list[int]:
+        start = time.perf_counter()
+        context = self.backend.n_past
         if self.pending is not None:
-            start = time.perf_counter()
             self.logits = self.backend.append([self.pending]).logits[-1]
             self.stats.time_decode_s += time.perf_counter() - start
         self.pending = sample(self.logits, self.params, self.rng)
+        if self.stats.trace is not None:
+            self.stats.trace.append((context, 1, 1, time.perf_counter() - start))
         return [self.pending]
 
 
@@ -204,32 +230,44 @@ class MedusaStepper:
     """
 
     def __init__(self, backend: Backend, prefill: DecodeOutput, params: SamplingParams, stats: GenerationStats,
-                 heads, tree: Tree, guard: AcceptanceGuard | None = None) -> None:
+                 heads, tree: Tree | TreeSchedule, guard: AcceptanceGuard | None = None) -> None:
         self.backend, self.params, self.stats, self.heads, self.guard = backend, params, stats, heads, guard
         self.rng = np.random.default_rng(params.seed)
         self.logits, self.hidden = prefill.logits[-1], prefill.hidden[-1]
         self.pending: int | None = None
-        self.trees = {tree.depth: tree}  # trees cut to a smaller depth near max_tokens or the end of the context
-        self.full = tree
+        self.schedule = tree if isinstance(tree, TreeSchedule) else TreeSchedule((), (tree,))
+        self.cut: dict[tuple[Tree, int], Tree] = {}  # trees cut to a smaller depth near max_tokens or the context end
         stats.mode = "medusa"
-        stats.accepted_per_depth = [0] * tree.depth
+        stats.accepted_per_depth = [0] * self.schedule.depth
 
     def _tree(self, max_depth: int) -> Tree:
-        depth = max(0, min(self.full.depth, max_depth))
-        if depth not in self.trees:
-            self.trees[depth] = build_tree(c for c in self.full.choices if len(c) <= depth)
-        return self.trees[depth]
+        full = self.schedule.tree_at(self.backend.n_past)
+        depth = max(0, min(full.depth, max_depth))
+        if depth == full.depth:
+            return full
+        if (full, depth) not in self.cut:
+            self.cut[full, depth] = build_tree(c for c in full.choices if len(c) <= depth)
+        return self.cut[full, depth]
 
     def step(self, budget: int) -> list[int]:
         if self.pending is None:  # the first token comes from the prompt's own logits
             self.pending = sample(self.logits, self.params, self.rng)
             return [self.pending]
-        room = self.backend.n_ctx - self.backend.n_past  # positions left, the root's included
+        t0 = time.perf_counter()
+        context = self.backend.n_past
+        room = self.backend.n_ctx - context  # positions left, the root's included
         drafting = self.guard is None or self.guard.use_tree()
         tree = self._tree(min(budget - 1, room - 1) if drafting else 0)
-        self.stats.guard_plain_steps += not drafting
-        t0 = time.perf_counter()
-        tokens = self.heads.draft(self.hidden, self.pending, tree) if tree.depth else [self.pending]
+        if tree.depth == 0:  # a plain step, as cheap as plain decoding's own
+            self.stats.guard_plain_steps += not drafting
+            out = self.backend.append([self.pending])
+            t2 = time.perf_counter()
+            _, self.pending = self._verify(tree, [self.pending], out.logits)
+            self.hidden = out.hidden[-1]
+            self.stats.time_decode_s += t2 - t0
+            self._record(context, tree, 1, time.perf_counter() - t0, drafted=False)
+            return [self.pending]
+        tokens = self.heads.draft(self.hidden, self.pending, tree)
         t1 = time.perf_counter()
         out = self.backend.decode_tree(tokens, tree.parents)
         t2 = time.perf_counter()
@@ -239,8 +277,7 @@ class MedusaStepper:
         self.stats.time_heads_s += t1 - t0
         self.stats.time_decode_s += t2 - t1 + time.perf_counter() - t3
         self.hidden = out.hidden[node]
-        depth = tree.depths[node]
-        for d in range(depth):
+        for d in range(tree.depths[node]):
             self.stats.accepted_per_depth[d] += 1
         path = []
         i = node
@@ -248,9 +285,17 @@ class MedusaStepper:
             path.append(tokens[i])
             i = tree.parents[i]
         self.pending = bonus
-        if self.guard is not None and tree.depth:
-            self.guard.record(len(path) + 1)
+        self._record(context, tree, len(path) + 1, time.perf_counter() - t0, drafted=True)
         return path[::-1] + [bonus]
+
+    def _record(self, context: int, tree: Tree, tokens: int, seconds: float, *, drafted: bool) -> None:
+        if self.stats.trace is not None:
+            self.stats.trace.append((context, tree.n_nodes, n_leaves(tree), seconds))
+        if self.guard is not None:
+            if drafted:
+                self.guard.record_tree(tokens, seconds, context)
+            else:
+                self.guard.record_plain(seconds, context)
 
     def _verify(self, tree: Tree, tokens: list[int], logits: np.ndarray) -> tuple[int, int]:
         """Walk down from the root; return (deepest accepted node, the next token sampled at it)."""

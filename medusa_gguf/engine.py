@@ -8,10 +8,12 @@ Choosing how to decode, in order:
 2. Weights at MEDUSA_WEIGHTS_PATH if that file exists (a mismatch with the model is an error, not a fallback);
    else the heads shipped inside the package, if they were trained for this exact model file (same SHA-256);
    else plain decoding. The file says its head type (Medusa or dependent); both decode through the same code.
-3. The tree: TREE=auto calibrates one from the heads' recorded accuracies and this machine's measured cost
-   curve (cached per model and settings); it falls back to plain decoding when no tree is predicted to be
-   faster. Inside each request an acceptance guard then decodes plainly for a while whenever the tree's
-   tokens per step fall below its cost (decoding.AcceptanceGuard). TREE=chain uses the top-1 chain, TREE=default
+3. The tree: TREE=auto calibrates one per context length from the heads' recorded accuracies, this machine's
+   measured step cost model (`costs.StepCosts`, cached under a key of everything it depends on) and the heads'
+   measured drafting cost per tree; where no tree is predicted to be faster, that context length decodes plainly,
+   and with no tree anywhere the engine decodes plainly and says why. Inside each request an acceptance guard
+   then decodes plainly for a while whenever the tree steps' tokens per second fall below plain steps'
+   (decoding.AcceptanceGuard). TREE=chain uses the top-1 chain, TREE=default
    and TREE=wide the static trees of `tree.py`, and TREE=PATH loads choices from a JSON file. The tree is cut to
    MAX_TOKENS_PER_STEP - 1 levels.
 """
@@ -26,12 +28,13 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from .backend import Backend
-from .costs import CostCurve, measure_costs, save_curve
+from .backend import EXACT_BATCH, Backend
+from .costs import CostCurve, StepCosts, cost_key, measure_step_costs, save_json
 from .decoding import AcceptanceGuard, GenerationResult, SamplingParams, generate
 from .models import file_sha256, user_cache_dir
 from .settings import Settings
-from .tree import DEFAULT_CHOICES, WIDE_CHOICES, Calibration, Tree, build_tree, calibrate_tree, chain, load_choices
+from .tree import (DEFAULT_CHOICES, WIDE_CHOICES, Calibration, Tree, TreeSchedule, build_tree, calibrate_tree, chain,
+                   load_choices, n_leaves)
 
 log = logging.getLogger(__name__)
 
@@ -46,17 +49,20 @@ NAMED_TREES = {"default": DEFAULT_CHOICES, "wide": WIDE_CHOICES}
 @dataclass(frozen=True)
 class DecodingPlan:
     heads: object | None  # MedusaHeads, or None for plain decoding
-    tree: Tree | None
+    tree: Tree | TreeSchedule | None  # TREE=auto: a schedule, the calibrated tree by context length
     reason: str  # why this plan: printed in logs and returned in every response's stats
     weights_path: Path | None = None
-    calibration: Calibration | None = None
+    calibration: Calibration | None = None  # TREE=auto: the calibration at the shortest measured context
+    calibrations: tuple[tuple[int, Calibration], ...] = ()  # TREE=auto: (context length, calibration) each
+    costs: StepCosts | None = None  # TREE=auto: the cost model the calibration used
 
     def guard(self) -> AcceptanceGuard | None:
         """A fresh acceptance guard for one request when the tree was calibrated (TREE=auto); a static tree
         is used as asked."""
-        if self.heads is None or self.calibration is None or self.calibration.tree.depth == 0:
+        if self.heads is None or self.costs is None or not self.calibrations:
             return None
-        return AcceptanceGuard(self.calibration.break_even_tokens)
+        costs = self.costs
+        return AcceptanceGuard(lambda context: costs.plain(context) / 1e3)
 
 
 class Engine:
@@ -148,14 +154,48 @@ def plan_decoding(backend: Backend, settings: Settings, *, tree: str | None = No
         t = chain(min(max_depth, 2))
         return DecodingPlan(heads, t, f"{label} carry no accuracies to calibrate with; "
                             f"using a top-1 chain of depth {t.depth}", path)
-    curve = cost_curve(backend, settings)
-    head_ms = head_cost_ms(heads, backend.n_embd, max_depth)
+    costs = step_costs(backend, settings)
+    drafts = DraftCosts(heads, backend.n_embd)
     accuracy = [row for row in heads.config.accuracy[:max_depth]]
-    cal = calibrate_tree(accuracy, curve.ms, max_depth=max_depth, head_cost_ms=head_ms)
-    if cal.tree.depth == 0:
-        return DecodingPlan(None, None, f"plain decoding: {cal.reason} (heads {path.name}, {heads.config.head_type} "
-                            f"type, cost {head_ms[0]:.2f}-{head_ms[-1]:.2f} ms per step by depth)", path, cal)
-    return DecodingPlan(heads, cal.tree, f"{label}, calibrated tree: {cal.reason}", path, cal)
+    cals = tuple((c, calibrate_tree(accuracy, drafts.step_ms(costs, c), max_depth=max_depth,
+                                    max_nodes=EXACT_BATCH)) for c in costs.contexts)
+    bounds = tuple((a + b) // 2 for (a, _), (b, _) in zip(cals, cals[1:]))
+    schedule = TreeSchedule(bounds, tuple(cal.tree for _, cal in cals))
+    where = "; ".join(f"at {c} tokens of context: {cal.reason}" for c, cal in cals)
+    if schedule.depth == 0:
+        return DecodingPlan(None, None, f"plain decoding: no tree pays on this machine ({where}; heads {path.name}, "
+                            f"{heads.config.head_type} type)", path, cals[0][1], cals, costs)
+    return DecodingPlan(heads, schedule, f"{label}, calibrated by context length: {where}", path, cals[0][1], cals,
+                        costs)
+
+
+class DraftCosts:
+    """The heads' measured drafting time per tree (cached): in the loop every draft follows a llama.cpp decode
+    that has pushed the heads' weights out of the caches, so each timed draft follows a read of `flush_mb` MB."""
+
+    def __init__(self, heads, n_embd: int, *, repeats: int = 5, flush_mb: int = 64) -> None:
+        self.heads, self.repeats = heads, repeats
+        self.hidden = np.random.default_rng(0).standard_normal(n_embd).astype(np.float32)
+        self.flush = np.ones(flush_mb * 2**20 // 8)
+        self.ms: dict[Tree, float] = {}
+
+    def __call__(self, tree: Tree) -> float:
+        if tree.depth == 0:
+            return 0.0
+        if tree not in self.ms:
+            self.heads.draft(self.hidden, 0, tree)  # first-call work (weight layout, allocations)
+            times = []
+            for _ in range(self.repeats):
+                self.flush.sum()
+                t0 = time.perf_counter()
+                self.heads.draft(self.hidden, 0, tree)
+                times.append(time.perf_counter() - t0)
+            self.ms[tree] = float(np.median(times) * 1e3)
+        return self.ms[tree]
+
+    def step_ms(self, costs: StepCosts, context: int):
+        """A whole step's milliseconds with a given tree at this context: the loop's own work plus the draft."""
+        return lambda tree: costs.tree(tree.n_nodes, n_leaves(tree), context) + self(tree)
 
 
 def load_heads_for(backend: Backend, path: Path):
@@ -180,38 +220,35 @@ def head_cost_ms(heads, n_embd: int, max_depth: int, repeats: int = 9, flush_mb:
     so each timed draft here follows a read of `flush_mb` MB (0: warm timings, which understate the in-loop cost).
     Medusa heads score every head in one call; dependent heads run once per level, so their cost grows with depth.
     """
-    h = np.random.default_rng(0).standard_normal(n_embd).astype(np.float32)
-    flush = np.ones(flush_mb * 2**20 // 8)
-    costs = []
-    for depth in range(1, max_depth + 1):
-        tree = chain(depth)
-        heads.draft(h, 0, tree)  # first-call work (weight layout, allocations)
-        times = []
-        for _ in range(repeats):
-            flush.sum()
-            t0 = time.perf_counter()
-            heads.draft(h, 0, tree)
-            times.append(time.perf_counter() - t0)
-        costs.append(float(np.median(times) * 1e3))
-    return costs
+    drafts = DraftCosts(heads, n_embd, repeats=repeats, flush_mb=flush_mb)
+    return [drafts(chain(depth)) for depth in range(1, max_depth + 1)]
 
 
 def cost_curve(backend: Backend, settings: Settings) -> CostCurve:
-    """This machine's cost curve for this model and these settings, measured once and cached."""
-    key = f"{file_sha256(backend.model_path)[:16]}-t{settings.n_threads or 0}-g{settings.n_gpu_layers}"
-    cache = user_cache_dir() / "costs" / f"{key}.json"
+    """One decode call's cost by size at a short context, for the heads' recipe report and older callers: the
+    step cost model's curve at its shortest context (`step_costs`)."""
+    costs = step_costs(backend, settings)
+    c = costs.contexts[0]
+    return CostCurve(model=str(backend.model_path), n_threads=settings.n_threads, n_gpu_layers=settings.n_gpu_layers,
+                     context_tokens=c, repeats=0, ms=costs.curve(c))
+
+
+def step_costs(backend: Backend, settings: Settings) -> StepCosts:
+    """This machine's step cost model for this model and these settings, measured once and cached under a key
+    that covers the llama.cpp build, the CPU, threads, buffer types, n_ctx, GPU layers and flash attention."""
+    key, _ = cost_key(backend)
+    cache = user_cache_dir() / "costs" / f"steps-{key}.json"
     if cache.is_file():
         try:
-            curve = CostCurve.from_json(json.loads(cache.read_text()))
-            log.info("cost curve from %s", cache)
-            return curve
-        except (KeyError, ValueError):
-            log.warning("ignoring unreadable cost curve %s", cache)
-    log.info("measuring this machine's cost curve (once; cached in %s)", cache)
-    curve = measure_costs(backend, CALIBRATION_SIZES, repeats=5, context_tokens=64, progress=False)
-    backend.reset()
+            costs = StepCosts.from_json(json.loads(cache.read_text()))
+            log.info("step cost model from %s", cache)
+            return costs
+        except (KeyError, ValueError, TypeError):
+            log.warning("ignoring unreadable step cost model %s", cache)
+    log.info("measuring this machine's step costs (once, about half a minute; cached in %s)", cache)
+    costs = measure_step_costs(backend, progress=False)
     try:
-        save_curve(curve, cache)
+        save_json(costs.to_json(), cache)
     except OSError as exc:
-        log.warning("could not cache the cost curve: %s", exc)
-    return curve
+        log.warning("could not cache the step cost model: %s", exc)
+    return costs

@@ -17,7 +17,7 @@ import heapq
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -46,6 +46,30 @@ class Tree:
         for d, r in zip(self.depths[1:], self.ranks[1:]):
             need[d - 1] = max(need[d - 1], r + 1)
         return tuple(need)
+
+
+@dataclass(frozen=True)
+class TreeSchedule:
+    """The tree to draft by context length, since a step's cost grows with the context: trees[i] serves contexts
+    below bounds[i], the last tree every longer one. A root-only tree in it means plain steps there."""
+
+    bounds: tuple[int, ...]
+    trees: tuple[Tree, ...]
+
+    def __post_init__(self) -> None:
+        if len(self.trees) != len(self.bounds) + 1 or list(self.bounds) != sorted(self.bounds):
+            raise ValueError(f"a schedule needs one more tree than its sorted bounds, got {len(self.trees)} trees "
+                             f"and bounds {self.bounds}")
+
+    def tree_at(self, context: int) -> Tree:
+        for bound, tree in zip(self.bounds, self.trees):
+            if context < bound:
+                return tree
+        return self.trees[-1]
+
+    @property
+    def depth(self) -> int:
+        return max(t.depth for t in self.trees)
 
 
 def _as_choice(raw: object) -> Choice:
@@ -254,9 +278,13 @@ def greedy_trees(accuracy: Sequence[Sequence[float]], max_depth: int, max_nodes:
         yield build_tree(chosen)
 
 
+def n_leaves(tree: Tree) -> int:
+    return tree.n_nodes - len(set(p for p in tree.parents if p >= 0))
+
+
 def calibrate_tree(
     accuracy: Sequence[Sequence[float]],
-    curve_ms: dict[int, float],
+    curve_ms: dict[int, float] | Callable[[Tree], float],
     *,
     max_depth: int,
     max_nodes: int = 63,
@@ -265,27 +293,47 @@ def calibrate_tree(
 ) -> Calibration:
     """The tree that maximises expected tokens per second on this machine, or `plain()` if none beats it by `margin`.
 
-    A Medusa step costs interpolate_cost(curve, n_nodes) + the heads' cost; a plain step costs
+    `curve_ms` is either a cost curve (n tokens -> ms of one decode call) or the measured cost model itself: a
+    function giving the milliseconds of a whole step with a given tree, drafting included, and of a plain step for
+    the root-only tree (`costs.StepCosts` plus the heads' measured drafting cost; `head_cost_ms` is then unused).
+    With a curve, a Medusa step costs interpolate_cost(curve, n_nodes) + the heads' cost; a plain step costs
     interpolate_cost(curve, 1) and yields one token. The root-only tree runs no heads, so it is plain decoding
     (table row n_nodes=1). `head_cost_ms` is one number, or one per tree depth (entry d - 1 for depth d:
     dependent heads run once per level).
     """
-    costs = [float(head_cost_ms)] * max_depth if isinstance(head_cost_ms, (int, float)) else list(head_cost_ms)
-    if len(costs) < min(max_depth, len(accuracy)):
-        raise ValueError(f"head_cost_ms covers {len(costs)} depths; the tree may be {min(max_depth, len(accuracy))} deep")
+    if callable(curve_ms):
+        step_ms = curve_ms
+    else:
+        step_ms = _curve_step_cost(curve_ms, head_cost_ms, min(max_depth, len(accuracy)))
     if max_nodes < 1:
         raise ValueError(f"max_nodes must be >= 1, got {max_nodes}")
-    plain_ms = interpolate_cost(curve_ms, 1)
+    plain_ms = step_ms(plain())
     best: tuple[float, Tree, float, float] | None = None  # (speedup, tree, expected tokens, cost)
     table = []
     for tree in greedy_trees(accuracy, max_depth, max_nodes):
         expected = expected_tokens_per_step(tree, accuracy)
-        cost = plain_ms if tree.n_nodes == 1 else interpolate_cost(curve_ms, tree.n_nodes) + costs[tree.depth - 1]
+        cost = plain_ms if tree.n_nodes == 1 else step_ms(tree)
         speedup = expected * plain_ms / cost
         table.append((tree.n_nodes, expected, cost, speedup))
         if tree.n_nodes > 1 and (best is None or speedup > best[0]):
             best = (speedup, tree, expected, cost)
+    return _calibration(best, plain_ms, margin, table)
 
+
+def _curve_step_cost(curve_ms: dict[int, float], head_cost_ms: float | Sequence[float], depth: int) -> Callable[[Tree], float]:
+    costs = [float(head_cost_ms)] * depth if isinstance(head_cost_ms, (int, float)) else list(head_cost_ms)
+    if len(costs) < depth:
+        raise ValueError(f"head_cost_ms covers {len(costs)} depths; the tree may be {depth} deep")
+
+    def step_ms(tree: Tree) -> float:
+        if tree.n_nodes == 1:
+            return interpolate_cost(curve_ms, 1)
+        return interpolate_cost(curve_ms, tree.n_nodes) + costs[tree.depth - 1]
+
+    return step_ms
+
+
+def _calibration(best, plain_ms: float, margin: float, table: list) -> Calibration:
     if best is None:
         reason = "no tree to try (max_depth is 0 or there are no head accuracies): plain decoding"
     elif best[0] < margin:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from medusa_gguf import engine as E
-from medusa_gguf.costs import CostCurve
+from medusa_gguf.costs import StepCosts
 from medusa_gguf.heads import HeadsConfig, HeadsError, MedusaHeads, save_heads
 from medusa_gguf.settings import Settings
 
@@ -36,7 +36,7 @@ def settings(**kw) -> Settings:
 
 
 def fixed_curve(monkeypatch, ms: dict[int, float]) -> None:
-    monkeypatch.setattr(E, "cost_curve", lambda backend, s: CostCurve("m", 2, -1, 64, 1, ms))
+    monkeypatch.setattr(E, "step_costs", lambda backend, s: StepCosts.from_curve(ms))
 
 
 def test_absent_weights_mean_plain_decoding_with_the_reason(backend, no_shipped, tmp_path):
@@ -85,7 +85,7 @@ def test_calibration_falls_back_when_no_tree_pays(backend, tiny_weights, monkeyp
 def test_calibration_picks_a_tree_on_a_flat_curve(backend, tiny_weights, monkeypatch):
     fixed_curve(monkeypatch, FLAT)
     plan = E.plan_decoding(backend, settings(medusa_weights_path=tiny_weights, max_tokens_per_step=4))
-    assert plan.heads is not None and plan.tree.depth <= 3 and plan.tree.n_nodes > 2
+    assert plan.heads is not None and plan.tree.depth <= 3 and plan.calibration.tree.n_nodes > 2
     assert plan.calibration.predicted_speedup > 1
 
 

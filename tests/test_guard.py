@@ -7,42 +7,70 @@ import pytest
 
 from medusa_gguf.bench import MethodReport, Run, summarize
 from medusa_gguf.decoding import AcceptanceGuard, GenerationResult, SamplingParams, generate
-from medusa_gguf.tree import build_tree, calibrate_tree, chain, node_tokens
+from medusa_gguf.costs import StepCosts
+from medusa_gguf.tree import TreeSchedule, build_tree, calibrate_tree, chain, node_tokens
 
 
-def feed(guard: AcceptanceGuard, tokens_per_step: list[int]) -> list[bool]:
-    """Drive the guard as the stepper does; return, per step, whether it drafted."""
+PLAIN_S = 0.010  # the cost model's plain step: 100 tokens/s
+
+
+def feed(guard: AcceptanceGuard, steps: list[tuple[int, float]], plain_s: float = PLAIN_S) -> list[bool]:
+    """Drive the guard as the stepper does, with (tokens, seconds) per tree step and `plain_s` per plain step;
+    return, per step, whether it drafted."""
     drafted = []
-    for t in tokens_per_step:
+    for tokens, seconds in steps:
         use = guard.use_tree()
         drafted.append(use)
         if use:
-            guard.record(t)
+            guard.record_tree(tokens, seconds, context=100)
+        else:
+            guard.record_plain(plain_s, context=100)
     return drafted
 
 
+def guard(**kw) -> AcceptanceGuard:
+    return AcceptanceGuard(lambda context: PLAIN_S, **kw)
+
+
 def test_a_paying_tree_is_never_interrupted():
-    assert all(feed(AcceptanceGuard(1.4, window=4), [2, 1, 2, 1] * 50))  # 1.5 tokens/step against 1.4
+    assert all(feed(guard(window=4), [(2, 0.015), (1, 0.015)] * 50))  # 100 tokens in 1.5 s: 1.33x plain
 
 
 def test_a_losing_window_buys_plain_steps_and_each_failure_doubles_them():
-    drafted = feed(AcceptanceGuard(1.4, window=4, cooldown=3), [1] * 30)
+    drafted = feed(guard(window=4, cooldown=3), [(1, 0.015)] * 30)
     # 4 tree steps, 3 plain, 4 tree, 6 plain, 4 tree, 12 plain (of which 9 fit)
     assert drafted == [True] * 4 + [False] * 3 + [True] * 4 + [False] * 6 + [True] * 4 + [False] * 9
 
 
 def test_a_paying_window_resets_the_cooldown():
-    guard = AcceptanceGuard(1.4, window=2, cooldown=2)
+    g = guard(window=2, cooldown=2)
     # fail (2 plain steps), pay (cooldown back to 2), fail (2 plain steps, not 4), pay
-    drafted = feed(guard, [1, 1, 0, 0, 3, 3, 1, 1, 0, 0, 2, 2])
-    assert drafted == [True, True, False, False, True, True, True, True, False, False, True, True]
-    assert guard.cooldown == 2 and guard.plain_left == 0
+    steps = [(1, 0.02), (1, 0.02), (0, 0), (0, 0), (3, 0.02), (3, 0.02), (1, 0.02), (1, 0.02), (0, 0), (0, 0),
+             (2, 0.01), (2, 0.01)]
+    assert feed(g, steps) == [True, True, False, False, True, True, True, True, False, False, True, True]
+    assert g.cooldown == 2 and g.plain_left == 0
 
 
-@pytest.mark.parametrize("kwargs", [{"break_even": 0}, {"break_even": 1.2, "window": 0}, {"break_even": 1.2, "cooldown": 0}])
+def test_enough_tokens_per_step_is_not_enough_when_the_steps_are_slow():
+    # 1.5 tokens per step passes a break-even of 1.4 plain steps by count, but these steps take 20 ms: 75 tokens/s
+    # against plain's 100. The guard judges by the clock.
+    assert not all(feed(guard(window=4), [(2, 0.02), (1, 0.02)] * 10))
+
+
+def test_measured_plain_steps_correct_the_prediction():
+    # The machine is twice as slow as when the costs were measured: plain steps take 20 ms, not 10. Tree steps
+    # giving 1.2 tokens in 18 ms (67 tokens/s) lose against the prediction (100) but beat plain as it runs now (50).
+    g = guard(window=4, cooldown=4)
+    drafted = feed(g, [(1.2, 0.018)] * 40, plain_s=0.020)
+    assert drafted[:8] == [True] * 4 + [False] * 4  # judged against the prediction, before any plain step
+    assert all(drafted[8:])  # then against the measured plain steps
+    assert g.plain_s(100) == pytest.approx(0.020)
+
+
+@pytest.mark.parametrize("kwargs", [{"window": 0}, {"cooldown": 0}])
 def test_bad_settings_are_refused(kwargs):
     with pytest.raises(ValueError, match="bad guard settings"):
-        AcceptanceGuard(**kwargs)
+        guard(**kwargs)
 
 
 def test_break_even_is_the_calibrated_step_cost_in_plain_steps():
@@ -72,7 +100,7 @@ def test_generate_with_a_guard_decodes_plainly_and_exactly(backend):
     heads, tree = WrongHeads(backend.n_vocab), build_tree([(0,), (1,), (0, 0)])
     guarded = GenerationResult()
     list(generate(backend, prompt, params, guarded, heads=heads, tree=tree,
-                  guard=AcceptanceGuard(1.3, window=4, cooldown=8)))
+                  guard=AcceptanceGuard(lambda context: 1e-4, window=4, cooldown=8)))
     assert guarded.tokens == plain.tokens
     assert guarded.stats.guard_plain_steps > 0 and guarded.stats.to_dict()["guard_plain_steps"] > 0
     assert heads.calls == guarded.stats.steps - 1 - guarded.stats.guard_plain_steps  # the first step needs no draft
@@ -94,8 +122,12 @@ def test_the_bench_ceiling_counts_guarded_plain_steps_at_one_plain_step():
 def test_only_a_calibrated_tree_gets_a_guard():
     from medusa_gguf.engine import DecodingPlan
 
-    cal = calibrate_tree([[0.9], [0.8]], {1: 10.0, 2: 13.0, 3: 16.0}, max_depth=2)
-    guard = DecodingPlan(object(), cal.tree, "calibrated", calibration=cal).guard()
-    assert isinstance(guard, AcceptanceGuard) and guard.break_even == pytest.approx(cal.break_even_tokens)
+    curve = {1: 10.0, 2: 13.0, 3: 16.0}
+    cal = calibrate_tree([[0.9], [0.8]], curve, max_depth=2)
+    calibrated = DecodingPlan(object(), TreeSchedule((), (cal.tree,)), "calibrated", calibration=cal,
+                              calibrations=((64, cal),), costs=StepCosts.from_curve(curve))
+    g = calibrated.guard()
+    assert isinstance(g, AcceptanceGuard) and g.plain_s(64) == pytest.approx(0.010)  # the cost model's plain step
+    assert calibrated.guard() is not g  # one per request
     assert DecodingPlan(object(), chain(2), "static").guard() is None  # a static tree is used as asked
     assert DecodingPlan(None, None, "plain").guard() is None
