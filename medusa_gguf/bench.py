@@ -23,9 +23,9 @@ from tqdm import tqdm
 
 from .backend import PromptLookup
 from .decoding import GenerationResult, GenerationStats, SamplingParams, generate
-from .engine import SHIPPED_DEPENDENT_HEADS, SHIPPED_MEDUSA_HEADS, Engine, cost_curve, plan_decoding
+from .engine import SHIPPED_DEPENDENT_HEADS, SHIPPED_MEDUSA_HEADS, DraftCosts, Engine, cost_curve, plan_decoding, step_costs
 from .settings import Settings
-from .tree import interpolate_cost
+from .tree import Tree, TreeSchedule, expected_tokens_per_step, interpolate_cost, n_leaves
 
 log = logging.getLogger(__name__)
 METHODS = ("plain", "prompt_lookup", "medusa_static", "medusa_calibrated", "medusa_dependent",
@@ -41,6 +41,11 @@ class Run:
     heads_s: float = 0.0
     produced: int = 0  # tokens the model produced, the final EOS included: tau counts these per step
     guard_plain_steps: int = 0  # calibrated trees: steps the acceptance guard decoded plainly
+    predicted_s: float = 0.0  # the cost model's time for this run's very steps (its trace)
+    predicted_speedup: float = 1.0  # what the calibration expected of this method at this run's contexts
+    tree_steps: int = 0
+    tree_tokens: int = 0  # tokens the tree steps emitted
+    predicted_tree_tokens: float = 0.0  # what the heads' accuracies expected of those steps
 
 
 @dataclass
@@ -92,6 +97,7 @@ def run_bench(settings: Settings, prompts: list[dict], max_tokens: int, *, stati
     engine = Engine(settings)
     backend = engine.backend
     curve = cost_curve(backend, settings)
+    costs = step_costs(backend, settings)
     if weights is None and not settings.medusa_weights_path.is_file() and SHIPPED_MEDUSA_HEADS.is_file():
         weights = SHIPPED_MEDUSA_HEADS  # the shipped default may be dependent heads; these rows are Medusa's
     plans = {"medusa_static": plan_decoding(backend, settings, tree=static_tree, weights=weights),
@@ -109,12 +115,14 @@ def run_bench(settings: Settings, prompts: list[dict], max_tokens: int, *, stati
     def medusa(plan) -> Callable[[list[int]], GenerationResult]:
         def go(tokens: list[int]) -> GenerationResult:
             r = GenerationResult()
+            r.stats.trace = []
             list(generate(backend, tokens, params, r, heads=plan.heads, tree=plan.tree, guard=plan.guard()))
             return r
         return go
 
     def plain(tokens: list[int]) -> GenerationResult:
         r = GenerationResult()
+        r.stats.trace = []
         list(engine.generate(tokens, params, r, plain=True))
         return r
 
@@ -126,23 +134,76 @@ def run_bench(settings: Settings, prompts: list[dict], max_tokens: int, *, stati
     reports = {
         "plain": MethodReport("plain", "llama.cpp greedy, one token per decode call"),
         "prompt_lookup": MethodReport("prompt_lookup", "llama-cpp-python LlamaPromptLookupDecoding(num_pred_tokens=10)"),
-        **{name: MethodReport(name, plan.reason, plan.tree.n_nodes if plan.tree else 1) for name, plan in plans.items()},
+        **{name: MethodReport(name, plan.reason, _nodes(plan)) for name, plan in plans.items()},
     }
     methods = [m for m in METHODS if m in runners]
     for name in methods:  # warm-up: caches, allocations
         if name != "prompt_lookup":
             runners[name](tokenized[0][:8])
     orders = balanced_orders(len(methods))
+    predictors = {name: Predictor(plan, costs, backend.n_embd) for name, plan in plans.items()}
     for i, (prompt, tokens) in enumerate(tqdm(list(zip(prompts, tokenized)), desc="bench", unit="prompt")):
         for name in (methods[j] for j in orders[i % len(orders)]):
             t0 = time.perf_counter()
             r = runners[name](tokens)
             st = r.stats
-            reports[name].runs.append(Run(prompt["category"], r.tokens, time.perf_counter() - t0, st.steps,
-                                          st.time_heads_s, st.tokens, st.guard_plain_steps))
+            run = Run(prompt["category"], r.tokens, time.perf_counter() - t0, st.steps, st.time_heads_s, st.tokens,
+                      st.guard_plain_steps)
+            if st.trace is not None:
+                predictors.get(name, Predictor(None, costs, backend.n_embd)).fill(run, st.trace)
+            reports[name].runs.append(run)
     lookup.close()
     engine.close()
     return summarize(reports, curve.ms, prompts, max_tokens)
+
+
+class Predictor:
+    """What the cost model and the heads' accuracies predict for a run, from the run's own steps (its trace): the
+    time of those steps, the tokens its tree steps should have emitted, and the speedup the calibration expected at
+    the run's contexts. Set beside the measured figures, a wrong model shows."""
+
+    def __init__(self, plan, costs, n_embd: int) -> None:
+        self.plan, self.costs = plan, costs
+        self.drafts = DraftCosts(plan.heads, n_embd) if plan is not None and plan.heads is not None else None
+        self.accuracy = plan.heads.config.accuracy if self.drafts is not None else None
+
+    def tree_at(self, context: int) -> Tree | None:
+        tree = self.plan.tree if self.plan is not None else None
+        return tree.tree_at(context) if isinstance(tree, TreeSchedule) else tree
+
+    def step_ms(self, tree: Tree, context: int) -> float:
+        if tree.n_nodes == 1:
+            return self.costs.plain(context)
+        return self.costs.tree(tree.n_nodes, n_leaves(tree), context) + self.drafts(tree)
+
+    def fill(self, run: Run, trace: list[tuple[int, int, int, int, float]]) -> None:
+        predicted_ms = 0.0
+        for context, nodes, leaves, tokens, _ in trace:
+            if nodes == 1:
+                predicted_ms += self.costs.plain(context)
+                continue
+            tree = self.tree_at(context)
+            predicted_ms += self.costs.tree(nodes, leaves, context) + (self.drafts(tree) if tree is not None else 0.0)
+            run.tree_steps += 1
+            run.tree_tokens += tokens
+            if tree is not None and tree.n_nodes == nodes:  # (a tree cut near max_tokens is not counted)
+                run.predicted_tree_tokens += expected_tokens_per_step(tree, self.accuracy[: tree.depth])
+            else:
+                run.predicted_tree_tokens += tokens
+        run.predicted_s = predicted_ms / 1e3
+        if trace and self.drafts is not None:
+            context = int(statistics.mean(c for c, *_ in trace))
+            tree = self.tree_at(context)
+            if tree is not None and tree.depth:
+                expected = expected_tokens_per_step(tree, self.accuracy[: tree.depth])
+                run.predicted_speedup = expected * self.costs.plain(context) / self.step_ms(tree, context)
+
+
+def _nodes(plan) -> int:
+    """The tree size a method starts with (a calibrated schedule: its tree at the shortest context)."""
+    if plan.heads is None or plan.tree is None:
+        return 1
+    return plan.calibration.tree.n_nodes if plan.calibration is not None else plan.tree.n_nodes
 
 
 def summarize(reports: dict[str, MethodReport], curve_ms: dict[int, float], prompts: list[dict], max_tokens: int) -> dict:
@@ -157,9 +218,13 @@ def summarize(reports: dict[str, MethodReport], curve_ms: dict[int, float], prom
         steps = sum(r.steps for r in rep.runs)
         tau = sum(r.produced for r in rep.runs) / steps if steps else None
         tree_cost = interpolate_cost(curve_ms, rep.tree_nodes) / one_step_ms
+        measured_s = sum(r.seconds for r in rep.runs)
         entry = {
             **_totals(pairs),
             "tau": tau,
+            "predicted_speedup": statistics.median(r.predicted_speedup for r in rep.runs) if rep.runs else None,
+            # the cost model's time for the very steps this method took, over their measured wall time
+            "cost_model_time_ratio": sum(r.predicted_s for r in rep.runs) / measured_s if measured_s else None,
             "outputs_match_plain": all(r.tokens == p.tokens for r, p in pairs),
             "match_rate": sum(r.tokens == p.tokens for r, p in pairs) / max(1, len(pairs)),
             "note": rep.note,
@@ -172,6 +237,10 @@ def summarize(reports: dict[str, MethodReport], curve_ms: dict[int, float], prom
             entry["guard_plain_steps_share"] = guard_plain / steps if steps else 0.0
             step_costs = (steps - guard_plain) * tree_cost + guard_plain
             entry["ceiling_speedup"] = tau * steps / step_costs if tau and step_costs else None
+            tree_steps = sum(r.tree_steps for r in rep.runs)
+            entry["tree_steps_tau"] = sum(r.tree_tokens for r in rep.runs) / tree_steps if tree_steps else None
+            entry["predicted_tree_steps_tau"] = (sum(r.predicted_tree_tokens for r in rep.runs) / tree_steps
+                                                 if tree_steps else None)
             heads_s = sum(r.heads_s for r in rep.runs)
             entry["head_ms_per_step"] = heads_s / steps * 1e3 if steps else 0.0
             entry["head_overhead_vs_plain_step"] = entry["head_ms_per_step"] / plain_step_ms
@@ -180,8 +249,11 @@ def summarize(reports: dict[str, MethodReport], curve_ms: dict[int, float], prom
             cat_pairs = [(r, p) for r, p in pairs if r.category == cat]
             st = sum(r.steps for r, _ in cat_pairs)
             totals = _totals(cat_pairs)
+            cat_s = sum(r.seconds for r, _ in cat_pairs)
             by_cat[cat] = {"tokens_per_s": totals["tokens_per_s"], "speedup_vs_plain": totals["speedup_vs_plain"],
-                           "tau": sum(r.produced for r, _ in cat_pairs) / st if st else None}
+                           "tau": sum(r.produced for r, _ in cat_pairs) / st if st else None,
+                           "predicted_speedup": statistics.median(r.predicted_speedup for r, _ in cat_pairs),
+                           "cost_model_time_ratio": sum(r.predicted_s for r, _ in cat_pairs) / cat_s if cat_s else None}
         entry["per_category"] = by_cat
         methods[name] = entry
     return {"prompts": len(prompts), "max_tokens": max_tokens, "cost_curve_ms": {str(k): v for k, v in curve_ms.items()},
@@ -199,23 +271,34 @@ def _totals(pairs: list[tuple[Run, Run]]) -> dict:
 
 
 def format_report(result: dict) -> str:
-    lines = ["| method | tokens/s | tau | speedup vs plain (median) | ceiling | head overhead | outputs = plain |",
-             "|---|---:|---:|---:|---:|---:|---|"]
+    lines = ["| method | tokens/s | tau | speedup vs plain (median) | predicted speedup | tree-step tau: measured / "
+             "predicted | step time: predicted / measured | ceiling | head overhead | outputs = plain |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for name, m in result["methods"].items():
         tau = f"{m['tau']:.2f}" if m["tau"] else "n/a"
         sp = f"{m['speedup_vs_plain']:.2f}x" if m["speedup_vs_plain"] is not None else "n/a"
+        pred = f"{m['predicted_speedup']:.2f}x" if name != "prompt_lookup" and m.get("predicted_speedup") else ""
+        ttau = (f"{m['tree_steps_tau']:.2f} / {m['predicted_tree_steps_tau']:.2f}" if m.get("tree_steps_tau")
+                else ("no tree steps" if name.startswith("medusa") else ""))
+        ratio = f"{m['cost_model_time_ratio']:.2f}" if m.get("cost_model_time_ratio") else ""
         ceil = f"{m['ceiling_speedup']:.2f}x" if m.get("ceiling_speedup") else ""
         over = f"{100 * m['head_overhead_vs_plain_step']:.1f}%" if "head_overhead_vs_plain_step" in m else ""
         match = "yes" if m["outputs_match_plain"] else f"no: {100 * m['match_rate']:.0f}% of prompts match"
-        lines.append(f"| {name} | {m['tokens_per_s']:.1f} | {tau} | {sp} | {ceil} | {over} | {match} |")
+        lines.append(f"| {name} | {m['tokens_per_s']:.1f} | {tau} | {sp} | {pred} | {ttau} | {ratio} | {ceil} | {over} "
+                     f"| {match} |")
     cats = sorted(next(iter(result["methods"].values()))["per_category"])
-    lines += ["", "| category | " + " | ".join(f"{n} tok/s (tau)" for n in result["methods"]) + " |",
-              "|---|" + "---:|" * len(result["methods"])]
+    lines += ["", "| category | " + " | ".join(f"{n}: tok/s (tau), speedup (predicted)" for n in result["methods"])
+              + " |", "|---|" + "---:|" * len(result["methods"])]
     for c in cats:
         cells = []
-        for m in result["methods"].values():
+        for n, m in result["methods"].items():
             pc = m["per_category"][c]
-            cells.append(f"{pc['tokens_per_s']:.1f} ({pc['tau']:.2f})" if pc["tau"] else f"{pc['tokens_per_s']:.1f}")
+            cell = f"{pc['tokens_per_s']:.1f} ({pc['tau']:.2f})" if pc["tau"] else f"{pc['tokens_per_s']:.1f}"
+            if n != "plain" and pc["speedup_vs_plain"] is not None:
+                cell += f", {pc['speedup_vs_plain']:.2f}x"
+                if n != "prompt_lookup":
+                    cell += f" ({pc['predicted_speedup']:.2f}x)"
+            cells.append(cell)
         lines.append(f"| {c} | " + " | ".join(cells) + " |")
     lines += ["", "Notes:"] + [f"- {n}: {m['note']}" + (f" (acceptance guard: {100 * m['guard_plain_steps_share']:.0f}%"
                                                          " of steps decoded plainly)" if m.get("guard_plain_steps_share") else "")

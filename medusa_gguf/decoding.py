@@ -64,8 +64,8 @@ class GenerationStats:
     time_decode_s: float = 0.0
     time_total_s: float = 0.0
     # One entry per decode step when a caller asks for it (a list, not None): (context tokens before the step,
-    # tree nodes, tree leaves, seconds). The benchmark checks the cost model's predictions against it.
-    trace: list[tuple[int, int, int, float]] | None = None
+    # tree nodes, tree leaves, tokens emitted, seconds). The benchmark checks the cost model against it.
+    trace: list[tuple[int, int, int, int, float]] | None = None
 
     @property
     def tau(self) -> float:
@@ -210,13 +210,13 @@ class PlainStepper:
 
     def step(self, budget: int) -> list[int]:
         start = time.perf_counter()
-        context = self.backend.n_past
-        if self.pending is not None:
+        context, decoded = self.backend.n_past, self.pending is not None  # the first token needs no decode
+        if decoded:
             self.logits = self.backend.append([self.pending]).logits[-1]
             self.stats.time_decode_s += time.perf_counter() - start
         self.pending = sample(self.logits, self.params, self.rng)
-        if self.stats.trace is not None:
-            self.stats.trace.append((context, 1, 1, time.perf_counter() - start))
+        if self.stats.trace is not None and decoded:
+            self.stats.trace.append((context, 1, 1, 1, time.perf_counter() - start))
         return [self.pending]
 
 
@@ -290,7 +290,7 @@ class MedusaStepper:
 
     def _record(self, context: int, tree: Tree, tokens: int, seconds: float, *, drafted: bool) -> None:
         if self.stats.trace is not None:
-            self.stats.trace.append((context, tree.n_nodes, n_leaves(tree), seconds))
+            self.stats.trace.append((context, tree.n_nodes, n_leaves(tree), tokens, seconds))
         if self.guard is not None:
             if drafted:
                 self.guard.record_tree(tokens, seconds, context)
