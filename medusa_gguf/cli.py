@@ -71,6 +71,15 @@ def _cmd_costs(args: argparse.Namespace) -> int:
     from .backend import Backend
     from .costs import format_table, measure_costs, save_curve
 
+    if args.steps:
+        from .costs import format_step_costs, measure_step_costs, save_json
+
+        with Backend(_settings(args)) as backend:
+            costs = measure_step_costs(backend)
+        print(format_step_costs(costs))
+        save_json(costs.to_json(), args.json)
+        print(f"wrote {args.json}")
+        return 0
     sizes = tuple(sorted({int(s) for s in args.sizes.split(",")}))
     with Backend(_settings(args)) as backend:
         curve = measure_costs(backend, sizes, repeats=args.repeats, context_tokens=args.context)
@@ -159,13 +168,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     costs = sub.add_parser(
         "costs",
-        help="measure the time of one decode call with n tokens on this machine (the tree is sized from it)",
+        help="measure what decoding costs on this machine: one decode call by size, or (--steps) the step cost model",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     costs.add_argument("--sizes", default="1,2,4,8,16,32,64", help="comma-separated tokens per call")
     costs.add_argument("--repeats", type=int, default=9, help="timed calls per size (median reported)")
     costs.add_argument("--context", type=int, default=128, help="tokens already in context before each call")
     costs.add_argument("--json", type=Path, default=Path("cost_curve.json"), help="where to write the curve")
+    costs.add_argument("--steps", action="store_true",
+                       help="measure the step cost model TREE=auto uses instead: whole decode-loop steps by tree size "
+                            "and leaves at 64, 512 and 2048 tokens of context (about half a minute)")
     _add_model_args(costs)
     costs.set_defaults(func=_cmd_costs)
 

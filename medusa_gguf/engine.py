@@ -161,12 +161,20 @@ def plan_decoding(backend: Backend, settings: Settings, *, tree: str | None = No
                                     max_nodes=EXACT_BATCH)) for c in costs.contexts)
     bounds = tuple((a + b) // 2 for (a, _), (b, _) in zip(cals, cals[1:]))
     schedule = TreeSchedule(bounds, tuple(cal.tree for _, cal in cals))
-    where = "; ".join(f"at {c} tokens of context: {cal.reason}" for c, cal in cals)
+    where = "; ".join(f"at {c} tokens of context {_verdict(cal)}" for c, cal in cals)
     if schedule.depth == 0:
-        return DecodingPlan(None, None, f"plain decoding: no tree pays on this machine ({where}; heads {path.name}, "
-                            f"{heads.config.head_type} type)", path, cals[0][1], cals, costs)
+        return DecodingPlan(None, None, f"plain decoding: no tree is predicted to beat plain decoding on this machine "
+                            f"({where}; {heads.config.head_type} heads {path.name})", path, cals[0][1], cals, costs)
     return DecodingPlan(heads, schedule, f"{label}, calibrated by context length: {where}", path, cals[0][1], cals,
                         costs)
+
+
+def _verdict(cal: Calibration) -> str:
+    if cal.tree.depth:
+        return (f"a {cal.tree.n_nodes}-node tree of depth {cal.tree.depth}, {cal.expected_tokens_per_step:.2f} "
+                f"tokens/step, predicted {cal.predicted_speedup:.2f}x")
+    best = max((row for row in cal.table if row[0] > 1), key=lambda row: row[3], default=None)
+    return "plain" + (f" (best tree: {best[0]} nodes, predicted {best[3]:.2f}x)" if best else "")
 
 
 class DraftCosts:
