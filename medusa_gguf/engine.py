@@ -254,7 +254,7 @@ def step_costs(backend: Backend, settings: Settings) -> StepCosts:
         except (KeyError, ValueError, TypeError):
             log.warning("ignoring unreadable step cost model %s", cache)
     log.info("measuring this machine's step costs (once, about half a minute; cached in %s)", cache)
-    costs = measure_step_costs(backend, progress=False)
+    costs = measure_step_costs(backend, repeats=4, progress=False)
     try:
         save_json(costs.to_json(), cache)
     except OSError as exc:

@@ -1,0 +1,78 @@
+"""The step cost model: its arithmetic on made-up numbers, and a real measurement in the decode loop's own code."""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from medusa_gguf import engine as E
+from medusa_gguf.costs import StepCosts, cost_key, fan, measure_step_costs
+from medusa_gguf.tree import build_tree, chain, n_leaves
+
+MADE_UP = StepCosts(
+    key="k", machine={}, contexts=(64, 512),
+    plain_ms={64: 10.0, 512: 14.0},
+    chain_ms={64: {1: 10.0, 2: 16.0, 4: 24.0}, 512: {1: 14.0, 2: 22.0, 4: 34.0}},
+    leaf_ms={64: 0.5, 512: 1.0},
+)
+
+
+def test_costs_interpolate_in_size_and_context_and_add_the_leaves():
+    assert MADE_UP.plain(64) == 10.0 and MADE_UP.plain(288) == pytest.approx(12.0)  # halfway: linear in context
+    assert MADE_UP.plain(960) == pytest.approx(18.0)  # beyond the last context: the line goes on
+    assert MADE_UP.tree(3, 1, 64) == pytest.approx(20.0)  # between sizes 2 and 4
+    assert MADE_UP.tree(4, 3, 64) == pytest.approx(24.0 + 2 * 0.5)  # two extra leaves
+    assert MADE_UP.tree(4, 3, 512) == pytest.approx(34.0 + 2 * 1.0)
+    assert MADE_UP.tree(1, 1, 512) == MADE_UP.plain(512)  # a root alone is a plain step
+    assert MADE_UP.curve(64) == {1: 10.0, 2: 16.0, 4: 24.0}
+
+
+def test_costs_survive_json():
+    assert StepCosts.from_json(MADE_UP.to_json()) == MADE_UP
+
+
+def test_leaves_of_trees():
+    assert n_leaves(chain(3)) == 1 and n_leaves(fan(5)) == 4 and n_leaves(build_tree([(0,), (1,), (0, 0)])) == 2
+
+
+def test_the_cache_key_changes_with_what_the_costs_depend_on(backend):
+    key, parts = cost_key(backend)
+    assert {"model_sha256", "system_info", "cpu", "threads", "extra_bufts", "n_ctx", "gpu_layers", "flash_attn"} <= set(parts)
+    assert cost_key(backend)[0] == key  # stable
+    threads, backend.n_threads = backend.n_threads, backend.n_threads + 1
+    try:
+        assert cost_key(backend)[0] != key
+    finally:
+        backend.n_threads = threads
+    settings = backend.settings
+    for change in ({"use_extra_bufts": not settings.use_extra_bufts}, {"n_gpu_layers": 0}):
+        backend.settings = replace(settings, **change)
+        try:
+            assert cost_key(backend)[0] != key, change
+        finally:
+            backend.settings = settings
+
+
+def test_a_real_measurement_times_whole_steps(backend):
+    costs = measure_step_costs(backend, sizes=(1, 2, 8), contexts=(32, 256), repeats=1, progress=False)
+    assert costs.contexts == (32, 256) and backend.n_past == 0  # the backend is left clean
+    for c in costs.contexts:
+        assert costs.plain_ms[c] > 0 and costs.chain_ms[c][8] > costs.plain_ms[c]  # 8 tokens cost more than 1
+        assert costs.leaf_ms[c] >= 0
+
+
+def test_the_engine_measures_once_and_reads_the_cache(backend, monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    calls = []
+
+    def fake_measure(b, **kw):
+        calls.append(kw)
+        return MADE_UP
+
+    monkeypatch.setattr(E, "measure_step_costs", fake_measure)
+    first = E.step_costs(backend, backend.settings)
+    second = E.step_costs(backend, backend.settings)
+    assert first == second == MADE_UP and len(calls) == 1
+    (cached,) = (tmp_path / "medusa-gguf" / "costs").glob("steps-*.json")
+    cached.write_text("{not json")
+    assert E.step_costs(backend, backend.settings) == MADE_UP and len(calls) == 2  # unreadable: measured again
