@@ -213,10 +213,11 @@ def build_parser() -> argparse.ArgumentParser:
     recipe.add_argument("-v", "--verbose", action="store_true", help="log debug lines")
     recipe.set_defaults(func=_cmd_recipe)
 
-    quant = sub.add_parser("quantize", help="write a copy of a GGUF with another weight type (f16, q8_0, q4_0)",
+    quant = sub.add_parser("quantize", help="write a copy of a GGUF with another weight type (f16, q8_0, q4_0, q4_k)",
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     quant.add_argument("output", type=Path, help="the new GGUF file")
-    quant.add_argument("--type", required=True, choices=["f16", "q8_0", "q4_0"], help="weight type")
+    quant.add_argument("--type", required=True, choices=["f16", "q8_0", "q4_0", "q4_k"],
+                       help="weight type (q4_k: llama.cpp's Q4_K_M mix)")
     _add_model_args(quant)
     quant.set_defaults(func=_cmd_quantize)
 
