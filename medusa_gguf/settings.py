@@ -82,9 +82,9 @@ class Settings:
     n_threads: int | None = _env("N_THREADS", _int_parser(lo=1, hi=1024), default=None)  # None: llama.cpp picks
     use_mlock: bool = _env("USE_MLOCK", _parse_bool, default=False)
     use_mmap: bool = _env("USE_MMAP", _parse_bool, default=True)
-    # llama.cpp's extra CPU buffer types (weight repacking, AMX). Off: AMX tiles raise SIGILL in some VMs,
-    # this development machine among them, although the CPU reports them.
-    use_extra_bufts: bool = _env("USE_EXTRA_BUFTS", _parse_bool, default=False)
+    # llama.cpp's extra CPU buffer types: weight repacking (Q4_0 8x8 on AVX2: cheaper batched calls) and AMX.
+    # scripts/setup.sh builds llama.cpp without AMX where the CPU reports AMX tiles that fault when run.
+    use_extra_bufts: bool = _env("USE_EXTRA_BUFTS", _parse_bool, default=True)
     n_ctx: int = _env("N_CTX", _int_parser(lo=16, hi=1 << 20), default=4096)
     max_tokens_per_step: int = _env("MAX_TOKENS_PER_STEP", _int_parser(lo=1, hi=64), default=6)
     # auto: calibrate from the heads' accuracies and this machine's cost curve; chain; plain; or a JSON file.
