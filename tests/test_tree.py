@@ -25,7 +25,7 @@ from medusa_gguf.tree import (
 
 # Hand example, given out of order: sorted it is (0,) (1,) (0,0) (0,1) (1,0) (0,0,0).
 HAND = [(1,), (0, 0, 0), (0,), (0, 1), (1, 0), (0, 0)]
-CPU_CURVE = {1: 10.8, 2: 17.3, 4: 27.0, 8: 51.8, 16: 97.2}  # DESIGN.md, Q4_1 default model
+CPU_CURVE = {1: 10.8, 2: 17.3, 4: 27.0, 8: 51.8, 16: 97.2}  # docs/DESIGN.md, Q4_1 default model
 CPU_ACCURACY = [[0.6, 0.1, 0.05], [0.4, 0.08], [0.3], [0.2]]
 
 
