@@ -31,6 +31,7 @@ import numpy as np
 from .backend import EXACT_BATCH, Backend
 from .costs import CostCurve, StepCosts, cost_key, measure_step_costs, save_json
 from .decoding import AcceptanceGuard, GenerationResult, SamplingParams, generate
+from .exactness import check_exactness
 from .models import file_sha256, user_cache_dir
 from .settings import Settings
 from .tree import (DEFAULT_CHOICES, WIDE_CHOICES, Calibration, Tree, TreeSchedule, build_tree, calibrate_tree, chain,
@@ -72,6 +73,11 @@ class Engine:
         self.model_name = self.backend.model_path.name
         self.plan = plan_decoding(self.backend, settings)
         log.info("decoding: %s", self.plan.reason)
+        # Greedy Medusa output equals plain decoding only where llama.cpp's outputs do not depend on the batch:
+        # measured here, at start, rather than assumed (another backend, weight type or build may differ).
+        self.exactness = check_exactness(self.backend) if self.plan.heads is not None else None
+        if self.exactness is not None:
+            (log.info if self.exactness.exact else log.warning)("%s", self.exactness.summary)
 
     @property
     def n_ctx(self) -> int:
@@ -106,6 +112,7 @@ class Engine:
             result.stats.reason = "plain decoding requested" if plain else self.plan.reason
             return generate(self.backend, prompt_tokens, params, result)
         result.stats.reason = self.plan.reason
+        result.stats.exact = self.exactness.exact if self.exactness is not None else None
         return generate(self.backend, prompt_tokens, params, result, heads=self.plan.heads, tree=self.plan.tree,
                         guard=self.plan.guard())
 
