@@ -18,24 +18,27 @@ plain decoding would show it, in the same order:
   single-token decoding; so trees have at most EXACT_BATCH (63) nodes and hidden-state extraction feeds at most
   63 tokens per call. Prompt prefill may use bigger chunks: plain and Medusa decoding share it.
 - Cells of seq 0 stay in position order. A discarded node whose cell lies BEFORE a kept one is not freed: a
-  later token would reuse that hole and be visited before an older token (DESIGN.md's flash-attention trap).
+  later token would reuse that hole and be visited before an older token (docs/DESIGN.md's flash-attention trap).
   Such cells move to the trash sequence, which no token attends to. Discarded cells after the last kept one
   are freed. When the trash fills the slack cells, `_compact` rewrites seq 0 contiguously through llama.cpp's
   sequence state save/restore (a memory copy, no decode).
 
 Every decode returns, per output row, the logits and the final hidden state (post final norm, the vector the
-lm_head multiplies): `embeddings=True` with `pooling_type=NONE`.
+lm_head multiplies): `embeddings=True` with `pooling_type=NONE`. Prefill's calls before its last switch embeddings
+off and output nothing (`prefill_spans`).
 """
 from __future__ import annotations
 
 import ctypes
 import logging
 import os
+import re
 import time
 from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -50,6 +53,7 @@ N_SEQ_MAX = 64  # seq 0: committed text; 1..62: tree leaves; 63: trash
 TRASH_SEQ = N_SEQ_MAX - 1
 MAX_TREE_LEAVES = N_SEQ_MAX - 2
 EXACT_BATCH = 63  # largest call whose outputs equal single-token decoding bit for bit (measured, see above)
+TILED_BATCH = 64  # from this many tokens per call, ggml's CPU flash attention takes its tiled path (GGML_FA_TILE_Q)
 DEFAULT_N_BATCH = 512
 
 
@@ -63,6 +67,9 @@ class ContextLengthError(BackendError, ValueError):
 
 # llama.cpp speaks through a log callback, not return codes; keep its recent lines to explain failures.
 _LLAMA_LOG: deque[str] = deque(maxlen=50)
+# Open _capture_llama_log() blocks, by id of their list. The callback is process-wide: a load in another thread at
+# the same time lands in both lists (the server builds its engines one after the other).
+_LOG_CAPTURES: dict[int, list[str]] = {}
 
 
 @lc.llama_log_callback
@@ -70,7 +77,35 @@ def _log_callback(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
     line = text.decode("utf-8", errors="replace").rstrip()
     if line:
         _LLAMA_LOG.append(line)
+        for lines in _LOG_CAPTURES.values():
+            lines.append(line)
         log.debug("llama.cpp: %s", line)
+
+
+@contextmanager
+def _capture_llama_log() -> Iterator[list[str]]:
+    """Every llama.cpp log line printed inside the block; a model load prints far more than _LLAMA_LOG keeps."""
+    lines: list[str] = []
+    _LOG_CAPTURES[id(lines)] = lines
+    try:
+        yield lines
+    finally:
+        del _LOG_CAPTURES[id(lines)]
+
+
+_BUFFER_LINE = re.compile(r"(\S+) model buffer size\s*=\s*([0-9.]+) MiB")
+
+
+def weight_buffers(lines: Iterable[str]) -> dict[str, float]:
+    """Buffer type -> MiB of weights, from llama.cpp's load lines such as
+    "load_tensors:   CPU_REPACK model buffer size =    56.95 MiB". CPU_REPACK: weights repacked for the batched
+    kernels (extra buffer types); CPU_Mapped: used in place from the mmapped file; CUDA0: on that GPU."""
+    sizes: dict[str, float] = {}
+    for line in lines:
+        m = _BUFFER_LINE.search(line)
+        if m:
+            sizes[m[1]] = sizes.get(m[1], 0.0) + float(m[2])
+    return sizes
 
 
 lc.llama_log_set(_log_callback, ctypes.c_void_p(0))
@@ -115,6 +150,20 @@ def tree_depths(parents: Sequence[int]) -> list[int]:
     return depths
 
 
+def prefill_spans(n: int, n_batch: int) -> list[tuple[int, int]]:
+    """The calls (start, stop) that prefill a prompt of n tokens; only the last one returns outputs.
+
+    They are chunks of n_batch, the last one split into a silent part and TILED_BATCH tokens with outputs when
+    both parts stay on the tiled attention path (>= TILED_BATCH tokens). Every token is then decoded on the same
+    path as in plain chunks of n_batch, so the KV cache and the last token's outputs are bit-identical to those.
+    """
+    spans = [(start, min(start + n_batch, n)) for start in range(0, n, n_batch)]
+    start, stop = spans[-1]
+    if stop - start >= 2 * TILED_BATCH:
+        spans[-1:] = [(start, stop - TILED_BATCH), (stop - TILED_BATCH, stop)]
+    return spans
+
+
 def path_to(parents: Sequence[int], node: int) -> list[int]:
     """Node indices from the root down to `node`, inclusive."""
     path = []
@@ -151,9 +200,11 @@ class Backend:
         self.n_past = 0
         self._tree: _PendingTree | None = None
         log.info(
-            "loaded %s (%s, %.1f MB, vocab %d, width %d, %d layers) n_ctx=%d threads=%s gpu_layers=%d",
+            "loaded %s (%s, %.1f MB, vocab %d, width %d, %d layers) n_ctx=%d threads=%s gpu_layers=%d "
+            "weight buffers: %s",
             self.model_path, self.info.architecture, self.info.size_bytes / 1e6, self.n_vocab, self.n_embd,
             self.n_layer, self.n_ctx, self.n_threads, settings.n_gpu_layers,
+            ", ".join(f"{k} {v:.1f} MiB" for k, v in self.weight_buffers.items()) or "not reported",
         )
 
     # -- loading ---------------------------------------------------------------------------------------------
@@ -164,9 +215,12 @@ class Backend:
         params.use_mmap = self.settings.use_mmap
         params.use_mlock = self.settings.use_mlock
         params.use_extra_bufts = self.settings.use_extra_bufts
-        self._model = lc.llama_model_load_from_file(str(self.model_path).encode(), params)
+        with _capture_llama_log() as lines:
+            self._model = lc.llama_model_load_from_file(str(self.model_path).encode(), params)
         if not self._model:
             raise BackendError(f"llama.cpp could not load {self.model_path}: {_recent_llama_errors()}")
+        # Buffer type -> MiB of weights, e.g. {"CPU_Mapped": 85.3, "CPU_REPACK": 57.0} for Q4_0 with extra bufts.
+        self.weight_buffers: dict[str, float] = weight_buffers(lines)
         self._vocab = lc.llama_model_get_vocab(self._model)
         self.n_vocab = lc.llama_vocab_n_tokens(self._vocab)
         self.n_embd = lc.llama_model_n_embd(self._model)
@@ -332,16 +386,33 @@ class Backend:
         self._tree = None
 
     def prefill(self, tokens: Sequence[int]) -> DecodeOutput:
-        """Start a new text: clear the cache, decode `tokens` into seq 0; return the LAST token's outputs."""
+        """Start a new text: clear the cache, decode `tokens` into seq 0; return the LAST token's outputs.
+
+        Only the last call (at most 2 * TILED_BATCH - 1 tokens) outputs anything, bit-identical to `append` chunks."""
         if not tokens:
             raise ValueError("cannot prefill an empty prompt")
         if len(tokens) > self.n_ctx:
             raise ContextLengthError(f"prompt of {len(tokens)} tokens exceeds the context window n_ctx={self.n_ctx}")
         self.reset()
-        out = None
-        for start in range(0, len(tokens), self.n_batch):
-            out = self.append(tokens[start : start + self.n_batch])
+        *silent, (start, stop) = prefill_spans(len(tokens), self.n_batch)
+        for a, b in silent:
+            self._decode_silent(tokens[a:b])
+        out = self.append(tokens[start:stop])
         return DecodeOutput(logits=out.logits[-1:], hidden=out.hidden[-1:])
+
+    def _decode_silent(self, tokens: Sequence[int]) -> None:
+        """Decode a chain onto seq 0 with no outputs: embeddings off (they force an output per token) and no token
+        marked for logits, so llama.cpp skips the lm_head. The KV cells are those `append` would write."""
+        self._make_room(len(tokens), len(tokens))
+        self._fill_batch(tokens, range(self.n_past, self.n_past + len(tokens)), [(0,)] * len(tokens))
+        for i in range(len(tokens)):
+            self._batch.logits[i] = False
+        lc.llama_set_embeddings(self._ctx, False)
+        try:
+            self._run_batch(len(tokens))
+        finally:
+            lc.llama_set_embeddings(self._ctx, True)
+        self.n_past += len(tokens)
 
     def append(self, tokens: Sequence[int]) -> DecodeOutput:
         """Decode a chain of tokens onto seq 0 and keep it; outputs for every token."""
@@ -607,7 +678,8 @@ class PromptLookup:
         self.llm.close()
 
 
-QUANT_TYPES = {"f16": lc.LLAMA_FTYPE_MOSTLY_F16, "q8_0": lc.LLAMA_FTYPE_MOSTLY_Q8_0, "q4_0": lc.LLAMA_FTYPE_MOSTLY_Q4_0}
+QUANT_TYPES = {"f16": lc.LLAMA_FTYPE_MOSTLY_F16, "q8_0": lc.LLAMA_FTYPE_MOSTLY_Q8_0, "q4_0": lc.LLAMA_FTYPE_MOSTLY_Q4_0,
+               "q4_k": lc.LLAMA_FTYPE_MOSTLY_Q4_K_M}
 
 
 def quantize(src: Path, dst: Path, kind: str, n_threads: int = 0) -> None:

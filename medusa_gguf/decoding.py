@@ -18,6 +18,7 @@ from typing import Callable, Iterator, Protocol, Sequence
 import numpy as np
 
 from .backend import Backend, DecodeOutput
+from .sampling import accept_lossless, accept_typical, distribution, probabilities, sample  # noqa: F401 (re-exported)
 from .tree import Tree, TreeSchedule, build_tree, n_leaves
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,9 @@ class GenerationStats:
     time_heads_s: float = 0.0
     time_decode_s: float = 0.0
     time_total_s: float = 0.0
+    # Medusa mode: whether the engine measured tree decoding bit-identical to plain decoding at start (then greedy
+    # output equals plain decoding's); False: it may differ, and the benchmark's match rate says how often.
+    exact: bool | None = None
     # One entry per decode step when a caller asks for it (a list, not None): (context tokens before the step,
     # tree nodes, tree leaves, tokens emitted, seconds). The benchmark checks the cost model against it.
     trace: list[tuple[int, int, int, int, float]] | None = None
@@ -92,6 +96,7 @@ class GenerationStats:
             "tau": round(self.tau, 4),
             "acceptance_rate_per_depth": [round(r, 4) for r in self.acceptance_rate_per_depth()],
             "guard_plain_steps": self.guard_plain_steps,
+            "exact": self.exact,
             "tokens_per_s": round(self.tokens_per_s, 2),
             "time_heads_s": round(self.time_heads_s, 6),
             "time_decode_s": round(self.time_decode_s, 6),
@@ -105,30 +110,6 @@ class GenerationResult:
     text: str = ""
     finish_reason: str | None = None  # "stop" (EOS or a stop string) or "length" (max_tokens or end of context)
     stats: GenerationStats = field(default_factory=GenerationStats)
-
-
-def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> int:
-    """Pick one token from logits [n_vocab]: argmax when greedy, else from `probabilities`."""
-    if params.temperature == 0:
-        return int(np.argmax(logits))
-    ids, p = probabilities(logits, params)
-    return int(ids[rng.choice(len(ids), p=p)])
-
-
-def probabilities(logits: np.ndarray, params: SamplingParams) -> tuple[np.ndarray, np.ndarray]:
-    """The sampling distribution after temperature, top-k and top-p: (token ids, probabilities), most likely first."""
-    z = logits.astype(np.float64) / params.temperature
-    if params.top_k and params.top_k < len(z):
-        part = np.argpartition(-z, params.top_k - 1)[: params.top_k]
-        order = part[np.argsort(-z[part], kind="stable")]
-    else:
-        order = np.argsort(-z, kind="stable")
-    p = np.exp(z[order] - z[order[0]])
-    p /= p.sum()
-    if params.top_p < 1:
-        keep = int(np.searchsorted(np.cumsum(p), params.top_p) + 1)
-        order, p = order[:keep], p[:keep] / p[:keep].sum()
-    return order, p
 
 
 class AcceptanceGuard:
@@ -310,30 +291,16 @@ class MedusaStepper:
                     return node, best
                 node = nxt
                 continue
-            ids, p = probabilities(logits[node], self.params)
+            dist = distribution(logits[node], self.params)
+            drafts = [tokens[c] for c in kids]  # in rank order
             if self.params.acceptance == "typical":
-                nxt = _typical_child(kids, tokens, ids, p, self.params)
-                if nxt is None:
-                    return node, int(ids[self.rng.choice(len(ids), p=p)])
-                node = nxt
-                continue
-            # Speculative sampling with deterministic drafts: try the children in rank order; child x is accepted
-            # with probability p(x) under the residual distribution; a rejected x is removed and p renormalised.
-            # Every token then comes out with exactly the base model's probability.
-            residual, total = dict(zip(ids.tolist(), p.tolist())), 1.0  # unnormalised; `total` is its mass
-            accepted = None
-            for c in kids:
-                q = residual.pop(tokens[c], 0.0)
-                if q <= 0:
-                    continue  # impossible under the base model (or a duplicate already rejected)
-                if self.rng.random() * total < q:
-                    accepted = c
-                    break
-                total -= q
-            if accepted is None:
-                toks, probs = np.fromiter(residual.keys(), dtype=np.int64), np.fromiter(residual.values(), dtype=float)
-                return node, int(toks[self.rng.choice(len(toks), p=probs / probs.sum())])
-            node = accepted
+                k = accept_typical(dist, drafts, self.params)
+                bonus = dist.draw(self.rng) if k is None else None
+            else:  # speculative sampling: every token comes out with exactly the base model's probability
+                k, bonus = accept_lossless(dist, drafts, self.rng)
+            if k is None:
+                return node, bonus
+            node = kids[k]
 
 
 @functools.lru_cache(maxsize=64)
@@ -343,14 +310,6 @@ def _children(tree: Tree) -> list[list[int]]:
         if p >= 0:
             kids[p].append(i)
     return kids
-
-
-def _typical_child(kids: list[int], tokens: list[int], ids: np.ndarray, p: np.ndarray, params: SamplingParams) -> int | None:
-    """Medusa's typical acceptance: the first child whose probability clears min(eps, alpha * exp(-entropy))."""
-    entropy = float(-(p * np.log(np.clip(p, 1e-12, None))).sum())
-    threshold = min(params.typical_epsilon, params.typical_alpha * np.exp(-entropy))
-    prob = dict(zip(ids.tolist(), p.tolist()))
-    return next((c for c in kids if prob.get(tokens[c], 0.0) > threshold), None)
 
 
 class _StopScanner:
