@@ -238,6 +238,7 @@ def measure_step_costs(
 
     key, parts = cost_key(backend)
     contexts = tuple(c for c in contexts if c + max(sizes) + 8 <= backend.n_ctx) or (min(64, backend.n_ctx // 4),)
+    sizes = tuple(n for n in sizes if n == 1 or contexts[-1] + n + 8 <= backend.n_ctx)  # a tiny window: fewer sizes
     params = SamplingParams(max_tokens=1 << 20)
     shapes = [("plain", 1)] + [("chain", n) for n in sizes if n > 1] + [("fan", n) for n in FAN_SIZES if n in sizes]
     trees = {("chain", n): chain(n - 1) for n in sizes if n > 1} | {("fan", n): fan(n) for n in FAN_SIZES}
