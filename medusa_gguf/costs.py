@@ -107,7 +107,7 @@ def save_curve(curve: CostCurve, path: Path) -> None:
 
 # -- the step cost model ---------------------------------------------------------------------------------------
 
-STEP_SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 63)
+STEP_SIZES = (1, 2, 3, 4, 6, 8, 16, 32, 63)
 FAN_SIZES = (8, 24)  # sizes also measured as a fan (root + n-1 leaves), for the per-leaf bookkeeping
 STEP_CONTEXTS = (64, 512, 2048)
 
