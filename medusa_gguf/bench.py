@@ -25,7 +25,7 @@ from .backend import PromptLookup
 from .decoding import GenerationResult, GenerationStats, SamplingParams, generate
 from .engine import SHIPPED_DEPENDENT_HEADS, SHIPPED_MEDUSA_HEADS, DraftCosts, Engine, cost_curve, plan_decoding, step_costs
 from .settings import Settings
-from .tree import Tree, TreeSchedule, expected_tokens_per_step, interpolate_cost, n_leaves
+from .tree import Tree, TreeSchedule, expected_tokens_per_step, interpolate_cost
 
 log = logging.getLogger(__name__)
 METHODS = ("plain", "prompt_lookup", "medusa_static", "medusa_calibrated", "medusa_dependent",
@@ -164,26 +164,23 @@ class Predictor:
 
     def __init__(self, plan, costs, n_embd: int) -> None:
         self.plan, self.costs = plan, costs
-        self.drafts = DraftCosts(plan.heads, n_embd) if plan is not None and plan.heads is not None else None
+        self.drafts = None
+        if plan is not None and plan.heads is not None:  # a calibrated plan has measured its drafts already
+            self.drafts = plan.drafts or DraftCosts(plan.heads, n_embd)
         self.accuracy = plan.heads.config.accuracy if self.drafts is not None else None
 
     def tree_at(self, context: int) -> Tree | None:
         tree = self.plan.tree if self.plan is not None else None
         return tree.tree_at(context) if isinstance(tree, TreeSchedule) else tree
 
-    def step_ms(self, tree: Tree, context: int) -> float:
-        if tree.n_nodes == 1:
-            return self.costs.plain(context)
-        return self.costs.tree(tree.n_nodes, n_leaves(tree), context) + self.drafts(tree)
-
     def fill(self, run: Run, trace: list[tuple[int, int, int, int, float]]) -> None:
         predicted_ms = 0.0
         for context, nodes, leaves, tokens, _ in trace:
+            predicted_ms += self.costs.tree(nodes, leaves, context)  # a 1-node step: a plain step
             if nodes == 1:
-                predicted_ms += self.costs.plain(context)
                 continue
             tree = self.tree_at(context)
-            predicted_ms += self.costs.tree(nodes, leaves, context) + (self.drafts(tree) if tree is not None else 0.0)
+            predicted_ms += self.drafts(tree) if tree is not None else 0.0
             run.tree_steps += 1
             run.tree_tokens += tokens
             if tree is not None and tree.n_nodes == nodes:  # (a tree cut near max_tokens is not counted)
@@ -196,7 +193,8 @@ class Predictor:
             tree = self.tree_at(context)
             if tree is not None and tree.depth:
                 expected = expected_tokens_per_step(tree, self.accuracy[: tree.depth])
-                run.predicted_speedup = expected * self.costs.plain(context) / self.step_ms(tree, context)
+                step_ms = self.drafts.step_ms(self.costs, context)(tree)
+                run.predicted_speedup = expected * self.costs.plain(context) / step_ms
 
 
 def _nodes(plan) -> int:

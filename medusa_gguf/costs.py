@@ -241,7 +241,8 @@ def measure_step_costs(
     sizes = tuple(n for n in sizes if n == 1 or contexts[-1] + n + 8 <= backend.n_ctx)  # a tiny window: fewer sizes
     params = SamplingParams(max_tokens=1 << 20)
     shapes = [("plain", 1)] + [("chain", n) for n in sizes if n > 1] + [("fan", n) for n in FAN_SIZES if n in sizes]
-    trees = {("chain", n): chain(n - 1) for n in sizes if n > 1} | {("fan", n): fan(n) for n in FAN_SIZES}
+    trees = {("chain", n): chain(n - 1) for n in sizes if n > 1}
+    trees |= {("fan", n): fan(n) for n in FAN_SIZES if n in sizes}
     plain_ms, chain_ms, leaf_ms = {}, {}, {}
     bar = tqdm(total=len(contexts) * (repeats + 1) * len(shapes), desc="step costs", unit="step", disable=not progress)
     for ctx in contexts:

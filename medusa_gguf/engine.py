@@ -56,6 +56,7 @@ class DecodingPlan:
     calibration: Calibration | None = None  # TREE=auto: the calibration at the shortest measured context
     calibrations: tuple[tuple[int, Calibration], ...] = ()  # TREE=auto: (context length, calibration) each
     costs: StepCosts | None = None  # TREE=auto: the cost model the calibration used
+    drafts: DraftCosts | None = None  # TREE=auto: the heads' drafting times it measured, per tree
 
     def guard(self) -> AcceptanceGuard | None:
         """A fresh acceptance guard for one request when the tree was calibrated (TREE=auto); a static tree
@@ -173,7 +174,7 @@ def plan_decoding(backend: Backend, settings: Settings, *, tree: str | None = No
         return DecodingPlan(None, None, f"plain decoding: no tree is predicted to beat plain decoding on this machine "
                             f"({where}; {heads.config.head_type} heads {path.name})", path, cals[0][1], cals, costs)
     return DecodingPlan(heads, schedule, f"{label}, calibrated by context length: {where}", path, cals[0][1], cals,
-                        costs)
+                        costs, drafts)
 
 
 def _verdict(cal: Calibration) -> str:
