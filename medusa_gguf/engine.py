@@ -171,7 +171,7 @@ def plan_decoding(backend: Backend, settings: Settings, *, tree: str | None = No
     schedule = TreeSchedule(bounds, tuple(cal.tree for _, cal in cals))
     where = "; ".join(f"at {c} tokens of context {_verdict(cal)}" for c, cal in cals)
     if schedule.depth == 0:
-        return DecodingPlan(None, None, f"plain decoding: no tree is predicted to beat plain decoding on this machine "
+        return DecodingPlan(None, None, f"plain decoding: no tree beats plain decoding on this machine "
                             f"({where}; {heads.config.head_type} heads {path.name})", path, cals[0][1], cals, costs)
     return DecodingPlan(heads, schedule, f"{label}, calibrated by context length: {where}", path, cals[0][1], cals,
                         costs, drafts)
