@@ -4,10 +4,12 @@
 
 Prints four lines: the CMAKE_ARGS, why, the wheel-cache key (a hash of the flags, the package and the Python),
 and the llama-cpp-python requirement pinned in pyproject.toml. `--record` also writes them as JSON.
-The native build (GGML_NATIVE=ON) turns on every instruction set the CPU reports, AMX included; where AMX tiles
-fault although the CPU reports them (some VMs), llama.cpp dies as soon as the extra buffer types are on. So on a
-Linux x86 CPU that reports amx_tile, scripts/amx_probe.c runs the tile instructions first; if they fail, the build
-is GGML_NATIVE=OFF with every other instruction set the CPU reports named explicitly.
+The native build (GGML_NATIVE=ON) turns on every instruction set the CPU reports, AMX included. Where AMX code
+fails although the CPU reports AMX, llama.cpp dies as soon as the extra buffer types are on: some VMs fault on
+tile instructions, and GCC 12 drops the stores that fill llama.cpp's tile configuration (scripts/amx_probe.cpp
+says how). So on a Linux x86 CPU that reports amx_tile, scripts/amx_probe.cpp, built by the C++ compiler CMake
+would use at -O2, runs tile code written the way llama.cpp writes it; if that fails, the build is
+GGML_NATIVE=OFF with every other instruction set the CPU reports named explicitly.
 LLAMA_BACKEND=cpu|cuda|metal picks the GPU backend (default cpu); a CMAKE_ARGS already set is used as given.
 Standard library only: setup.sh runs this before anything is installed.
 """
@@ -28,7 +30,9 @@ from pathlib import Path
 from typing import Callable, Mapping
 
 PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
-PROBE_SOURCE = Path(__file__).with_name("amx_probe.c")
+PROBE_SOURCE = Path(__file__).with_name("amx_probe.cpp")
+# llama.cpp builds Release (-O3); -O2 already shows the dropped-store fault, and -march=native is what it gets.
+PROBE_FLAGS = ["-O2", "-march=native", "-mamx-tile", "-mamx-int8"]
 BACKENDS = {"cpu": [], "cuda": ["-DGGML_CUDA=on"], "metal": ["-DGGML_METAL=on"]}
 
 # /proc/cpuinfo flag -> ggml option, for a build without GGML_NATIVE. Both spellings of the VNNI flag are accepted.
@@ -54,7 +58,7 @@ class BuildError(ValueError):
 
 @dataclass(frozen=True)
 class Probe:
-    """Outcome of scripts/amx_probe.c: works, no-amx, refused, fault, wrong, or unavailable (not compiled)."""
+    """Outcome of scripts/amx_probe.cpp: works, no-amx, refused, fault, wrong, or unavailable (not compiled)."""
 
     status: str
     detail: str
@@ -108,22 +112,24 @@ def decide(backend: str, flags: set[str] | None, probe: Callable[[], Probe], pre
     # GGML_NATIVE=ON compiles CUDA kernels for the GPUs present only; without it, for a dozen architectures.
     archs = ["-DCMAKE_CUDA_ARCHITECTURES=native"] if backend == "cuda" else []
     return Decision(" ".join(no_native_args(flags) + gpu + archs),
-                    f"the CPU reports AMX but the probe failed ({result.status}: {result.detail}): GGML_NATIVE=OFF "
+                    f"the CPU reports AMX but the probe failed ({result.status}: {result.detail}): build with GGML_NATIVE=OFF "
                     "with the other instruction sets the CPU reports, AMX off", backend)
 
 
 def run_probe(source: Path = PROBE_SOURCE, *, force: bool = False, compiler: str | None = None) -> Probe:
-    """Compile and run the AMX probe in a scratch folder. A signal or a non-zero exit is a failed probe."""
-    cc = compiler or os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    """Compile and run the AMX probe in a scratch folder. A signal or a non-zero exit is a failed probe.
+
+    The compiler is the one CMake would take for llama.cpp's C++ ($CXX, else c++ or g++): the fault can be its."""
+    cc = compiler or os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
     if not cc:
-        return Probe("unavailable", "no C compiler (cc, gcc or $CC) to build scripts/amx_probe.c")
+        return Probe("unavailable", "no C++ compiler (c++, g++ or $CXX) to build scripts/amx_probe.cpp")
     with tempfile.TemporaryDirectory(prefix="amx-probe-") as tmp:
         exe = Path(tmp) / "amx_probe"
         try:
-            built = subprocess.run([cc, "-O0", "-mamx-tile", str(source), "-o", str(exe)],
+            built = subprocess.run([cc, *PROBE_FLAGS, str(source), "-o", str(exe)],
                                    capture_output=True, text=True, timeout=120)
         except OSError as err:
-            return Probe("unavailable", f"could not run the C compiler {cc}: {err}")
+            return Probe("unavailable", f"could not run the C++ compiler {cc}: {err}")
         if built.returncode != 0:
             last = (built.stderr.strip().splitlines() or ["no output"])[-1]
             return Probe("unavailable", f"{cc} could not compile {source.name}: {last}")
@@ -134,7 +140,7 @@ def run_probe(source: Path = PROBE_SOURCE, *, force: bool = False, compiler: str
             return Probe("fault", "the probe hung for 30 s")
     said = ran.stdout.strip() or "no output"
     if ran.returncode < 0:
-        return Probe("fault", f"killed by signal {-ran.returncode} running tile instructions")
+        return Probe("fault", f"killed by signal {-ran.returncode} running tile code built with {' '.join(PROBE_FLAGS)}")
     status = {0: "works", 3: "no-amx", 4: "refused"}.get(ran.returncode, "wrong")
     return Probe(status, said)
 

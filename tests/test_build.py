@@ -122,7 +122,7 @@ def test_main_prints_args_reason_key_and_pin(tmp_path):
 
 
 HERE = llama_build.this_machine_flags()
-needs_cc = pytest.mark.skipif(not (shutil.which("cc") or shutil.which("gcc")), reason="no C compiler to build the probe")
+needs_cc = pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")), reason="no C++ compiler to build the probe")
 
 
 @needs_cc
@@ -180,3 +180,25 @@ def test_extra_buffer_types_repack_q4_0_weights(tmp_path, model_path):
         assert b.weight_buffers.get("CPU_REPACK", 0) > 0, b.weight_buffers
     with Backend(Settings(base_model_path=q4_0, n_ctx=1024, n_threads=2, use_extra_bufts=False)) as b:
         assert "CPU_REPACK" not in b.weight_buffers, b.weight_buffers
+
+
+BATCHED_DECODE = """
+from medusa_gguf.backend import Backend
+from medusa_gguf.settings import Settings
+with Backend(Settings(n_ctx=1024, n_threads=2, use_extra_bufts=True)) as b:
+    tokens = b.tokenize("The sea is wide and deep, and ships cross it every day. " * 12)
+    b.prefill(tokens[:96])
+    b.decode_tree(tokens[96:104], [-1, 0, 1, 2, 0, 4, 5, 1])
+    b.commit(3)
+    print("decoded", b.n_past, sorted(b.weight_buffers))
+"""
+
+
+def test_this_build_survives_batched_calls_with_extra_buffer_types():
+    # A build whose AMX code is broken dies with a protection fault on the first batched matmul, which would take
+    # pytest down with it: run it in a child process and ask for its exit status.
+    ran = subprocess.run([sys.executable, "-c", BATCHED_DECODE], capture_output=True, text=True, timeout=300,
+                         cwd=ROOT)
+    assert ran.returncode == 0, (f"batched decoding with USE_EXTRA_BUFTS on died (exit {ran.returncode}); "
+                                 f"rebuild with scripts/setup.sh, whose probe decides on AMX: {ran.stderr[-800:]}")
+    assert ran.stdout.startswith("decoded 100"), ran.stdout
