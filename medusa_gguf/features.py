@@ -187,40 +187,37 @@ class FeatureExtractor:
         """(index, features) in sequence order, one decode group at a time (memory stays bounded)."""
         if not self._open:
             raise BackendError("FeatureExtractor.extract runs inside `with FeatureExtractor(...)`")
-        b = self.backend
         for idx, seq in enumerate(sequences):
-            if len(seq) > b.n_ctx:
-                raise ContextLengthError(f"sequence {idx} has {len(seq)} tokens, more than n_ctx={b.n_ctx}")
-        groups = pack_calls([len(s) for s in sequences])
+            if len(seq) > self.backend.n_ctx:
+                raise ContextLengthError(f"sequence {idx} has {len(seq)} tokens, more than n_ctx={self.backend.n_ctx}")
+        empty = np.zeros((0, self.width), dtype=np.float32)
+        done: dict[int, np.ndarray] = {}
         nxt = 0
-        b.reset()
         try:
-            for group in groups:
-                while nxt < group[0]:  # empty sequences were skipped by pack_calls
-                    yield nxt, np.zeros((0, self.width), dtype=np.float32)
+            for group in pack_calls([len(s) for s in sequences]):
+                done.update(self._decode_group(sequences, group))
+                while nxt < len(sequences) and (nxt in done or not sequences[nxt]):
+                    yield nxt, done.pop(nxt, empty)
                     nxt += 1
-                if len(group) == 1:
-                    seq = sequences[group[0]]
-                    chunks = [self._call(seq[s : s + EXACT_BATCH], range(s, min(s + EXACT_BATCH, len(seq))),
-                                         [(0,)] * min(EXACT_BATCH, len(seq) - s))
-                              for s in range(0, len(seq), EXACT_BATCH)]
-                    yield group[0], np.concatenate(chunks)
-                else:
-                    tokens = [t for i in group for t in sequences[i]]
-                    positions = [p for i in group for p in range(len(sequences[i]))]
-                    seqs = [(stream,) for stream, i in enumerate(group) for _ in sequences[i]]
-                    feats = self._call(tokens, positions, seqs)
-                    start = 0
-                    for i in group:
-                        yield i, feats[start : start + len(sequences[i])]
-                        start += len(sequences[i])
-                nxt = group[-1] + 1
-                b.reset()
-            while nxt < len(sequences):
-                yield nxt, np.zeros((0, self.width), dtype=np.float32)
-                nxt += 1
+            for idx in range(nxt, len(sequences)):  # only empty ones are left
+                yield idx, empty
         finally:
-            b.reset()
+            self.backend.reset()
+
+    def _decode_group(self, sequences: Sequence[Sequence[int]], group: list[int]) -> dict[int, np.ndarray]:
+        """One pack_calls group from an empty cache: several sequences side by side (stream s = seq id s) in one
+        call, or one long sequence in consecutive chunks of EXACT_BATCH tokens on seq 0."""
+        self.backend.reset()
+        if len(group) == 1:
+            seq = sequences[group[0]]
+            spans = [(s, min(s + EXACT_BATCH, len(seq))) for s in range(0, len(seq), EXACT_BATCH)]
+            return {group[0]: np.concatenate([self._call(seq[a:b], range(a, b), [(0,)] * (b - a)) for a, b in spans])}
+        tokens = [t for i in group for t in sequences[i]]
+        positions = [p for i in group for p in range(len(sequences[i]))]
+        seq_ids = [(stream,) for stream, i in enumerate(group) for _ in sequences[i]]
+        feats = self._call(tokens, positions, seq_ids)
+        ends = np.cumsum([len(sequences[i]) for i in group])
+        return {i: feats[end - len(sequences[i]) : end] for i, end in zip(group, ends)}
 
 
 def extract_features(backend: Backend, tokens: Sequence[int], layers: Sequence[int] | None = None) -> np.ndarray:

@@ -80,20 +80,26 @@ class CallbackReader:
         lc.llama_free(self.ctx)
 
 
+N_TOKENS = 70  # two decode calls: EXACT_BATCH (63) tokens, then 7
+
+
 @pytest.fixture(scope="module")
 def tokens(backend):
-    """A 100-token chat: two decode calls of at most EXACT_BATCH tokens."""
     text = backend.apply_chat_template([
         {"role": "user", "content": "Name three rivers in Europe and say in one line why each one matters."},
         {"role": "assistant", "content": "The Danube links ten countries; the Rhine carries freight from the Alps to "
-                                         "the North Sea, where Rotterdam became Europe's largest port; the Thames made London a "
-                                         "trading city and still carries boats through its centre every day. Each of them has shaped "
-                                         "the towns on its banks, their trade, their bridges and the way people "
-                                         "travel between them, from the barges of the past to the ferries of today."},
+                                         "the North Sea; the Thames made London a trading city and still carries "
+                                         "boats through its centre every day, past the bridges and quays of the old town."},
     ], add_generation_prompt=False)
     toks = backend.tokenize(text)
-    assert len(toks) >= 100
-    return toks[:100]
+    assert len(toks) >= N_TOKENS
+    return toks[:N_TOKENS]
+
+
+@pytest.fixture(scope="module")
+def feats(backend, tokens):
+    """The default layers' features of `tokens`; causal, so a prefix's features are a prefix of these rows."""
+    return F.extract_features(backend, tokens)
 
 
 def test_default_layers_follow_eagle3():
@@ -103,9 +109,8 @@ def test_default_layers_follow_eagle3():
         F.default_target_layers(6)
 
 
-def test_features_match_the_eval_callbacks_layer_inputs(backend, tokens):
+def test_features_match_the_eval_callbacks_layer_inputs(backend, tokens, feats):
     layers = F.default_target_layers(backend.n_layer)
-    feats = F.extract_features(backend, tokens)
     assert feats.shape == (len(tokens), 3 * backend.n_embd) and feats.dtype == np.float32
     reader = CallbackReader(backend, {f"l_out-{lid - 1}" for lid in layers})
     try:
@@ -119,30 +124,36 @@ def test_features_match_the_eval_callbacks_layer_inputs(backend, tokens):
     assert not np.array_equal(feats[:, : backend.n_embd], feats[:, backend.n_embd : 2 * backend.n_embd])
 
 
-def test_layer_zero_is_the_token_embedding(backend, model_path, tokens):
-    """Id l is the INPUT of layer l: for l = 0 that is the embedding row itself, not anything a layer computed."""
-    feats = F.extract_features(backend, tokens[:20], layers=[0, backend.n_layer - 1])
-    emb = embedding_matrix(model_path)[tokens[:20]]
-    np.testing.assert_allclose(feats[:, : backend.n_embd], emb, rtol=0, atol=1e-6)
-    assert not np.allclose(feats[:, backend.n_embd :], emb, atol=1e-2)
+def test_first_and_last_layer_inputs(backend, model_path, tokens):
+    """Id l is the INPUT of layer l: id 0 is the embedding row itself, and the last id, n_layer - 1, is the output
+    of layer n_layer - 2 (the last layer's own output is not tapped by llama.cpp)."""
+    last = backend.n_layer - 1
+    got = F.extract_features(backend, tokens[:8], layers=[0, last])
+    emb = embedding_matrix(model_path)[tokens[:8]]
+    np.testing.assert_allclose(got[:, : backend.n_embd], emb, rtol=0, atol=1e-6)
+    reader = CallbackReader(backend, {f"l_out-{last - 1}"})
+    try:
+        assert np.array_equal(got[:, backend.n_embd :], reader.decode(tokens[:8])[f"l_out-{last - 1}"])
+    finally:
+        reader.close()
 
 
 def test_taps_leave_the_models_outputs_unchanged(backend, tokens):
-    plain = backend.extract_hidden([tokens])[0]
+    plain = backend.extract_hidden([tokens[:24]])[0]
     with F.FeatureExtractor(backend):
-        tapped = backend.extract_hidden([tokens])[0]
+        tapped = backend.extract_hidden([tokens[:24]])[0]
     assert np.array_equal(plain, tapped)
 
 
-def test_packed_sequences_equal_one_at_a_time(backend, tokens):
-    seqs = [tokens[:30], tokens[30:50], [], tokens[:80], tokens[5:12]]  # 30 + 20 share a call; 80 spans two
+def test_packed_sequences_equal_one_at_a_time(backend, tokens, feats):
+    seqs = [tokens[:30], tokens[30:45], [], tokens, tokens[5:12]]  # 30 + 15 share a call; 70 spans two
     assert F.pack_calls([len(s) for s in seqs]) == [[0, 1], [3], [4]]
     with F.FeatureExtractor(backend) as fx:
         packed = fx.extract(seqs)
-        alone = [fx.extract([s])[0] for s in seqs]
+        alone = fx.extract([seqs[1]]) + fx.extract([seqs[4]])
     assert [p.shape[0] for p in packed] == [len(s) for s in seqs]
-    for p, a in zip(packed, alone):
-        assert np.array_equal(p, a)
+    assert np.array_equal(packed[0], feats[:30]) and np.array_equal(packed[3], feats)
+    assert np.array_equal(packed[1], alone[0]) and np.array_equal(packed[4], alone[1])
 
 
 def test_bad_layer_names_layer_and_layer_count(backend):
@@ -162,36 +173,43 @@ def _shards(folder: Path) -> dict[str, np.ndarray]:
     return out
 
 
-def test_shards_round_trip_reuse_and_rebuild(backend, tokens, tmp_path, monkeypatch):
-    seqs = [tokens[:40], tokens[40:100], tokens[10:30]]
+def _no_decode(*args, **kwargs):
+    raise AssertionError("decoded again")
+
+
+def test_shards_round_trip_reuse_and_rebuild(backend, tokens, feats, tmp_path, monkeypatch):
+    seqs = [tokens[:40], tokens[:20], tokens[40:60]]  # 40 alone, 20 + 20 in one call
     firsts = [5, 0, 0]
-    m = F.extract_feature_shards(backend, seqs, tmp_path, n_future=3, first_rows=firsts, shard_rows=50)
-    assert m.complete and m.layers == [2, 15, 27] and m.sequences == 3 and len(m.shards) == 2
+    m = F.extract_feature_shards(backend, seqs, tmp_path, n_future=3, first_rows=firsts, shard_rows=30)
+    assert m.complete and m.layers == [2, 15, 27] and m.sequences == 3 and m.shards == [
+        "shard-00000.safetensors", "shard-00001.safetensors"]
     got = _shards(tmp_path)
     # kept rows: from first_rows on, and only where token t+2 exists
-    assert got["lengths"].tolist() == [40 - 5 - 2, 60 - 2, 20 - 2] and m.rows == sum(got["lengths"])
+    assert got["lengths"].tolist() == [40 - 5 - 2, 20 - 2, 20 - 2] and m.rows == sum(got["lengths"])
     assert got["features"].dtype == np.float16 and got["features"].shape == (m.rows, 3 * backend.n_embd)
     assert got["tokens"].dtype == np.int32 and got["future"].shape == (m.rows, 3)
-    ref = F.extract_features(backend, seqs[0])[5:38].astype(np.float16)
-    assert np.array_equal(got["features"][:33], ref)
+    assert np.array_equal(got["features"][:33], feats[5:38].astype(np.float16))
+    assert np.array_equal(got["features"][33:51], feats[:18].astype(np.float16))
     assert got["tokens"][:33].tolist() == seqs[0][5:38] and got["future"][0].tolist() == seqs[0][6:9]
+    assert got["future"][32].tolist() == [seqs[0][38], seqs[0][39], -1]
 
-    def no_decode(*a, **k):
-        raise AssertionError("decoded again")
-
-    with monkeypatch.context() as mp:
-        mp.setattr(F.FeatureExtractor, "_call", no_decode)
-        assert F.extract_feature_shards(backend, seqs, tmp_path, n_future=3, first_rows=firsts, shard_rows=50) == m
-        with pytest.raises(AssertionError, match="decoded again"):  # other layers: another key, rebuilt
-            F.extract_feature_shards(backend, seqs, tmp_path, n_future=3, first_rows=firsts, layers=[1, 2, 3])
-    m2 = F.extract_feature_shards(backend, seqs, tmp_path, n_future=4, first_rows=firsts)
-    assert m2.key != m.key and m2.n_future == 4 and len(m2.shards) == 1
-    assert sorted(p.name for p in tmp_path.glob("shard-*")) == ["shard-00000.safetensors"]
+    monkeypatch.setattr(F.FeatureExtractor, "_call", _no_decode)
+    assert F.extract_feature_shards(backend, seqs, tmp_path, n_future=3, first_rows=firsts, shard_rows=30) == m
+    for changed in (dict(n_future=4), dict(n_future=3, layers=[1, 2, 3]), dict(n_future=3)):  # first_rows dropped
+        with pytest.raises(AssertionError, match="decoded again"):
+            F.extract_feature_shards(backend, seqs, tmp_path, **changed)
+    assert not list(tmp_path.glob("shard-*"))  # the old key's shards went before the rebuild began
 
 
-def test_killed_run_resumes_after_its_last_shard(backend, tokens, tmp_path, monkeypatch):
-    seqs = [tokens[:50], tokens[50:100], tokens[20:70], tokens[:40]]  # one decode call each
-    full = F.extract_feature_shards(backend, seqs, tmp_path / "full", n_future=3, shard_rows=20)
+def test_iter_feature_rows_reads_every_shard(backend, tokens, tmp_path):
+    m = F.extract_feature_shards(backend, [tokens[:12], tokens[:10]], tmp_path, n_future=2, shard_rows=5)
+    rows = list(F.iter_feature_rows(m.paths(tmp_path)))
+    assert [f.shape for f, _ in rows] == [(10, 3 * backend.n_embd), (8, 3 * backend.n_embd)]
+    assert [fut.shape for _, fut in rows] == [(10, 2), (8, 2)]
+
+
+def test_killed_run_resumes_after_its_last_shard(backend, tokens, feats, tmp_path, monkeypatch):
+    seqs = [tokens[:30], tokens[:40], tokens[:25], tokens[:20]]  # calls: 30 | 40 | 25 + 20
     decoded: list[int] = []
     real_call = F.FeatureExtractor._call
 
@@ -203,15 +221,15 @@ def test_killed_run_resumes_after_its_last_shard(backend, tokens, tmp_path, monk
 
     monkeypatch.setattr(F.FeatureExtractor, "_call", dies_on_third_call)
     with pytest.raises(KeyboardInterrupt):
-        F.extract_feature_shards(backend, seqs, tmp_path / "run", n_future=3, shard_rows=20)
-    part = json.loads((tmp_path / "run" / "manifest.json").read_text())
-    assert not part["complete"] and part["sequences"] == 2
-    monkeypatch.setattr(F.FeatureExtractor, "_call", real_call)
+        F.extract_feature_shards(backend, seqs, tmp_path, n_future=3, shard_rows=20)
+    part = json.loads((tmp_path / "manifest.json").read_text())
+    assert not part["complete"] and part["sequences"] == 2 and len(part["shards"]) == 2
     decoded.clear()
     monkeypatch.setattr(F.FeatureExtractor, "_call", lambda self, *a: decoded.append(len(a[0])) or real_call(self, *a))
-    resumed = F.extract_feature_shards(backend, seqs, tmp_path / "run", n_future=3, shard_rows=20)
-    assert decoded == [50, 40]  # only the last two sequences were decoded again
-    assert resumed.complete and resumed.rows == full.rows and resumed.key == full.key
-    a, b = _shards(tmp_path / "full"), _shards(tmp_path / "run")
-    for k in a:
-        assert np.array_equal(a[k], b[k]), k
+    resumed = F.extract_feature_shards(backend, seqs, tmp_path, n_future=3, shard_rows=20)
+    assert decoded == [45]  # only the last two sequences were decoded again
+    assert resumed.complete and resumed.sequences == 4 and resumed.rows == sum(len(s) - 2 for s in seqs)
+    got = _shards(tmp_path)
+    want = np.concatenate([feats[: len(s) - 2] for s in seqs]).astype(np.float16)
+    assert np.array_equal(got["features"], want)
+    assert got["tokens"].tolist() == [t for s in seqs for t in s[:-2]]
