@@ -88,8 +88,9 @@ def tokens(backend):
     text = backend.apply_chat_template([
         {"role": "user", "content": "Name three rivers in Europe and say in one line why each one matters."},
         {"role": "assistant", "content": "The Danube links ten countries; the Rhine carries freight from the Alps to "
-                                         "the North Sea; the Thames made London a trading city and still carries "
-                                         "boats through its centre every day, past the bridges and quays of the old town."},
+                                         "the North Sea; the Thames made London a trading city and still "
+                                         "carries boats through its centre every day, past the bridges and quays "
+                                         "of the old town."},
     ], add_generation_prompt=False)
     toks = backend.tokenize(text)
     assert len(toks) >= N_TOKENS
