@@ -17,6 +17,10 @@ plain decoding would show it, in the same order:
 - A call with 64 or more tokens takes another attention path on this CPU build, whose results differ from
   single-token decoding; so trees have at most EXACT_BATCH (63) nodes and hidden-state extraction feeds at most
   63 tokens per call. Prompt prefill may use bigger chunks: plain and Medusa decoding share it.
+- A single-token call over 512 or more KV cells with an f16 or f32 cache takes ggml's split-KV path on the CPU
+  (each thread sums a chunk of the cells, then the chunks are merged), while a tree's rows are summed cell by
+  cell: the logits differ by up to ~1 from about 256 tokens of context on. The KV cache is therefore bf16 where
+  the CPU computes attention (`resolve_kv_type`): both calls then take the same path, bit-identical at any length.
 - Cells of seq 0 stay in position order. A discarded node whose cell lies BEFORE a kept one is not freed: a
   later token would reuse that hole and be visited before an older token (docs/DESIGN.md's flash-attention trap).
   Such cells move to the trash sequence, which no token attends to. Discarded cells after the last kept one
@@ -164,6 +168,28 @@ def prefill_spans(n: int, n_batch: int) -> list[tuple[int, int]]:
     return spans
 
 
+# KV cache element types by name (ggml_type ids, ggml.h).
+KV_GGML_TYPES = {"f32": 0, "f16": 1, "q8_0": 8, "bf16": 30}
+
+
+def resolve_kv_type(requested: str, attention_on_cpu: bool) -> tuple[str, str]:
+    """The KV cache type a context gets, and why (for the log).
+
+    ggml's CPU flash attention has a split-KV path for a single query row over >= 512 cells, taken only with f16
+    or f32 caches; rows of a tree never take it. Its sums run in another order, so from about 256 tokens of
+    context a token decoded alone and the same token in a tree differ (logits by up to ~1 on the default model,
+    measured), and greedy Medusa output could leave plain decoding's. A bf16 (or q8_0) cache sends both through
+    the same path. bf16 costs about as much as f16 on an AVX512-BF16 CPU at short contexts and up to ~17% per
+    plain step at 2048 (the split path's threads are lost); q8_0 costs more. On a GPU the CPU paths do not apply.
+    """
+    if requested != "auto":
+        return requested, f"KV_TYPE={requested}"
+    if attention_on_cpu:
+        return "bf16", ("auto: attention runs on the CPU, where an f16 cache makes single-token decoding differ "
+                        "from tree decoding from 512 cells on; bf16 keeps them bit-identical (KV_TYPE=f16 to override)")
+    return "f16", "auto: attention runs on a GPU"
+
+
 def path_to(parents: Sequence[int], node: int) -> list[int]:
     """Node indices from the root down to `node`, inclusive."""
     path = []
@@ -196,15 +222,18 @@ class Backend:
         self.flash_attn = flash_attn
         self.n_threads = settings.n_threads or default_threads()  # CPU threads of every decode
         self._load_model()
+        on_cpu = settings.n_gpu_layers == 0 or not lc.llama_supports_gpu_offload()
+        self.kv_type, self.kv_reason = resolve_kv_type(settings.kv_type, on_cpu)
         self._new_context()
         self.n_past = 0
         self._tree: _PendingTree | None = None
         log.info(
             "loaded %s (%s, %.1f MB, vocab %d, width %d, %d layers) n_ctx=%d threads=%s gpu_layers=%d "
-            "weight buffers: %s",
+            "weight buffers: %s; KV cache %s (%s)",
             self.model_path, self.info.architecture, self.info.size_bytes / 1e6, self.n_vocab, self.n_embd,
             self.n_layer, self.n_ctx, self.n_threads, settings.n_gpu_layers,
             ", ".join(f"{k} {v:.1f} MiB" for k, v in self.weight_buffers.items()) or "not reported",
+            self.kv_type, self.kv_reason,
         )
 
     # -- loading ---------------------------------------------------------------------------------------------
@@ -242,6 +271,7 @@ class Backend:
         )
         params.n_threads = params.n_threads_batch = self.n_threads
         params.no_perf = True
+        params.type_k = params.type_v = KV_GGML_TYPES[self.kv_type]
         self._ctx = lc.llama_init_from_model(self._model, params)
         if not self._ctx:
             raise BackendError(f"llama.cpp could not create a context for {self.model_path}: {_recent_llama_errors()}")

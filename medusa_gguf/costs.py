@@ -183,7 +183,7 @@ def _lerp(xs: Sequence[int], ys: Sequence[float], x: float) -> float:
 
 def cost_key(backend: Backend) -> tuple[str, dict]:
     """A key that changes with everything a step's cost depends on: the model file, the llama.cpp build and its
-    CPU features, the CPU, threads, buffer types, n_ctx, GPU layers and flash attention."""
+    CPU features, the CPU, threads, buffer types, n_ctx, GPU layers, flash attention and the KV cache type."""
     import hashlib
 
     import llama_cpp as lc
@@ -201,7 +201,8 @@ def cost_key(backend: Backend) -> tuple[str, dict]:
         "n_ctx": backend.n_ctx,
         "gpu_layers": s.n_gpu_layers,
         "flash_attn": backend.flash_attn,
-        "format": 2,
+        "kv_type": backend.kv_type,
+        "format": 3,
     }
     digest = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
     return digest, parts

@@ -61,6 +61,16 @@ def _parse_str(name: str, raw: str) -> str:
     return raw.strip()
 
 
+KV_TYPES = ("auto", "f16", "bf16", "q8_0", "f32")
+
+
+def _parse_kv_type(name: str, raw: str) -> str:
+    value = raw.strip().lower()
+    if value not in KV_TYPES:
+        raise SettingsError(f"{name}={raw!r} is not a KV cache type; accepted values: {', '.join(KV_TYPES)}")
+    return value
+
+
 def _parse_optional_path(name: str, raw: str) -> Path | None:
     return Path(_parse_str(name, raw)).expanduser()
 
@@ -86,6 +96,9 @@ class Settings:
     # scripts/setup.sh builds llama.cpp without AMX where the CPU reports AMX tiles that fault when run.
     use_extra_bufts: bool = _env("USE_EXTRA_BUFTS", _parse_bool, default=True)
     n_ctx: int = _env("N_CTX", _int_parser(lo=16, hi=1 << 20), default=4096)
+    # The KV cache's element type. auto: bf16 where the CPU computes attention (its f16 single-token path differs
+    # from trees from 512 cells on, see backend.resolve_kv_type), else f16.
+    kv_type: str = _env("KV_TYPE", _parse_kv_type, default="auto")
     max_tokens_per_step: int = _env("MAX_TOKENS_PER_STEP", _int_parser(lo=1, hi=64), default=6)
     # auto: calibrate from the heads' accuracies and this machine's cost curve; chain; plain; or a JSON file.
     tree: str = _env("TREE", _parse_str, default="auto")

@@ -4,8 +4,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from medusa_gguf.backend import DecodeOutput
-from medusa_gguf.exactness import CHECK_CHOICES, CHECK_TEXT, ExactnessReport, check_exactness
+from medusa_gguf.backend import Backend, DecodeOutput
+from medusa_gguf.exactness import CHECK_CHOICES, CHECK_TEXT, LONG_CONTEXT, ExactnessReport, check_exactness
+from medusa_gguf.settings import Settings
 from medusa_gguf.tree import build_tree
 
 
@@ -38,9 +39,12 @@ class PerturbedTree(Wrapped):
 def test_default_model_is_exact(backend, prompt_tokens):
     """What the project claims for the CPU default (Q4_1, flash attention on): bit for bit, tree and commit."""
     assert backend.flash_attn
+    assert backend.kv_type == "bf16"  # KV_TYPE=auto on the CPU
     for prompt in (None, prompt_tokens):
         report = check_exactness(backend, prompt)
         assert report.exact, report.summary
+        assert report.contexts == ((len(backend.tokenize(CHECK_TEXT)), LONG_CONTEXT) if prompt is None
+                                   else (len(prompt_tokens),))
         assert report.max_abs_logit_diff == 0.0 and report.max_abs_hidden_diff == 0.0
         assert report.argmax_agreement == 1.0
         assert report.n_nodes == len(CHECK_CHOICES) + 1 and report.worst_row == ""
@@ -68,16 +72,30 @@ class Counting(Wrapped):
 
 
 def test_check_is_cheap(backend):
-    """It runs at every start, so it decodes each node once: one prefill, one-token appends for the n nodes and the
-    extra token, the tree, and the extra token after the commit. About 0.12 s on a quiet 2-core machine
-    (docs/DESIGN.md); the wall time is not asserted, since neighbours' load on a shared machine moves it tenfold."""
+    """It runs at every start, so at each of its two contexts it decodes each node once: one prefill, one-token
+    appends for the n nodes and the extra token, the tree, and the extra token after the commit. About 0.3 s on a
+    quiet 2-core machine (docs/DESIGN.md), most of it the long prompt's prefill; the wall time is not asserted,
+    since neighbours' load on a shared machine moves it tenfold."""
     fake = Counting(backend)
     report = check_exactness(fake)
     n = report.n_nodes
     assert fake.calls.count(("prefill", len(backend.tokenize(CHECK_TEXT)))) == 1
-    assert fake.calls.count(("decode_tree", n)) == 1
-    assert fake.calls.count(("append", 1)) == n + 2
-    assert len(fake.calls) == n + 4
+    assert fake.calls.count(("prefill", LONG_CONTEXT)) == 1
+    assert fake.calls.count(("decode_tree", n)) == 2
+    assert fake.calls.count(("append", 1)) == 2 * (n + 2)
+    assert len(fake.calls) == 2 * (n + 4)
+
+
+def test_long_check_catches_the_f16_cache_single_token_path():
+    """With an f16 KV cache, llama.cpp's CPU attention sums a single-token call over 512+ cells in per-thread chunks
+    and a tree's rows cell by cell: bit-identical after 5 tokens, not after 300. The short check alone missed it;
+    the bf16 cache that KV_TYPE=auto picks on the CPU takes one path for both."""
+    with Backend(Settings(n_ctx=1024, n_threads=2, kv_type="f16")) as f16:
+        assert f16.kv_type == "f16"
+        assert check_exactness(f16, long_context=0).exact  # the old check: short prompt only
+        report = check_exactness(f16)
+    assert not report.exact and report.worst_row.endswith(f"at {LONG_CONTEXT} tokens"), report.summary
+    assert report.max_abs_logit_diff > 1e-3
 
 
 def test_backend_is_left_reset(backend, prompt_tokens):
@@ -114,7 +132,7 @@ def test_tiny_difference_is_not_exact(backend):
     assert not report.exact
     assert report.max_abs_logit_diff == pytest.approx(1e-3, rel=1e-2)
     assert report.max_abs_hidden_diff == 0.0
-    assert report.argmax_agreement == 1.0 and report.worst_row == "node 3"
+    assert report.argmax_agreement == 1.0 and report.worst_row.startswith("node 3 at ")
     assert "NOT bit-identical" in report.summary and "node 3" in report.summary
     assert backend.n_past == 0
 
@@ -122,9 +140,9 @@ def test_tiny_difference_is_not_exact(backend):
 def test_flipped_argmax_is_counted(backend):
     """A difference that changes one node's argmax: 7 of 8 nodes agree."""
     report = check_exactness(PerturbedTree(backend, node=5, delta=1e3, token=0))
-    assert not report.exact and report.worst_row == "node 5"
-    assert report.argmax_agreement == pytest.approx(7 / 8)
-    assert "88% of 8 nodes" in report.summary
+    assert not report.exact and report.worst_row.startswith("node 5 at ")
+    assert report.argmax_agreement == pytest.approx(7 / 8)  # at either context
+    assert "88% of 8 nodes at" in report.summary
 
 
 class PerturbedAfterCommit(Wrapped):
@@ -149,7 +167,7 @@ def test_difference_after_commit_is_found(backend):
     report = check_exactness(PerturbedAfterCommit(backend, delta=1e-4))
     assert not report.exact and report.max_abs_logit_diff == 0.0
     assert report.max_abs_hidden_diff == pytest.approx(1e-4, rel=1e-2)
-    assert report.argmax_agreement == 1.0 and report.worst_row == "after commit"
+    assert report.argmax_agreement == 1.0 and report.worst_row.startswith("after commit at ")
 
 
 def test_report_to_dict():
