@@ -73,12 +73,16 @@ def _cmd_costs(args: argparse.Namespace) -> int:
 
     if args.steps:
         from .costs import format_step_costs, measure_step_costs, save_json
+        from .engine import step_costs_cache
 
         with Backend(_settings(args)) as backend:
             costs = measure_step_costs(backend)
+            cache = step_costs_cache(backend)
         print(format_step_costs(costs))
+        print(f"plain steps {costs.noise:.2f}x apart (slowest / fastest; above 1.6 the machine was busy)")
         save_json(costs.to_json(), args.json)
-        print(f"wrote {args.json}")
+        save_json(costs.to_json(), cache)
+        print(f"wrote {args.json} and the cache TREE=auto reads, {cache}")
         return 0
     sizes = tuple(sorted({int(s) for s in args.sizes.split(",")}))
     with Backend(_settings(args)) as backend:
@@ -177,7 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     costs.add_argument("--json", type=Path, default=Path("cost_curve.json"), help="where to write the curve")
     costs.add_argument("--steps", action="store_true",
                        help="measure the step cost model TREE=auto uses instead: whole decode-loop steps by tree size "
-                            "and leaves at 64, 512 and 2048 tokens of context (about half a minute)")
+                            "and leaves at 64, 512 and 2048 tokens of context (about a minute); also replaces the cached model "
+                            "TREE=auto calibrates with")
     _add_model_args(costs)
     costs.set_defaults(func=_cmd_costs)
 

@@ -6,8 +6,9 @@
   is cached under a key that covers everything it depends on (`cost_key`). The heads' drafting cost is measured
   separately, per tree (`engine.draft_cost_ms`).
 
-Each number is the median of repeated warm runs, measured round-robin so that drift of a shared machine hits
-every size alike.
+Each number is the median of repeated warm runs. A tree step is timed right after a plain step and kept as its
+ratio to that plain step, so that a shared machine's load, which moves both alike, cancels out of the ratios; the
+plain steps' spread is recorded, and a model measured on a busy machine is measured again (`engine.step_costs`).
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import platform
 import random
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -128,6 +129,12 @@ class StepCosts:
     plain_ms: dict[int, float]  # context -> ms of one plain step (PlainStepper.step)
     chain_ms: dict[int, dict[int, float]]  # context -> nodes -> ms of a one-leaf tree step
     leaf_ms: dict[int, float]  # context -> ms per extra leaf
+    spread: dict[int, float] = field(default_factory=dict)  # context -> slowest / fastest plain step measured
+
+    @property
+    def noise(self) -> float:
+        """The largest spread of the plain steps: about 1.1 on a quiet machine, 2 and more on a busy one."""
+        return max(self.spread.values(), default=1.0)
 
     def plain(self, context: int) -> float:
         return _lerp(self.contexts, [self.plain_ms[c] for c in self.contexts], context)
@@ -154,14 +161,16 @@ class StepCosts:
         return {"key": self.key, "machine": self.machine, "contexts": list(self.contexts),
                 "plain_ms": {str(c): v for c, v in self.plain_ms.items()},
                 "chain_ms": {str(c): {str(n): v for n, v in row.items()} for c, row in self.chain_ms.items()},
-                "leaf_ms": {str(c): v for c, v in self.leaf_ms.items()}}
+                "leaf_ms": {str(c): v for c, v in self.leaf_ms.items()},
+                "spread": {str(c): v for c, v in self.spread.items()}}
 
     @classmethod
     def from_json(cls, data: dict) -> "StepCosts":
         return cls(key=data["key"], machine=data["machine"], contexts=tuple(int(c) for c in data["contexts"]),
                    plain_ms={int(c): float(v) for c, v in data["plain_ms"].items()},
                    chain_ms={int(c): {int(n): float(v) for n, v in row.items()} for c, row in data["chain_ms"].items()},
-                   leaf_ms={int(c): float(v) for c, v in data["leaf_ms"].items()})
+                   leaf_ms={int(c): float(v) for c, v in data["leaf_ms"].items()},
+                   spread={int(c): float(v) for c, v in data.get("spread", {}).items()})
 
 
 def interpolate_n(ms: dict[int, float], n: int) -> float:
@@ -244,34 +253,48 @@ def measure_step_costs(
     shapes = [("plain", 1)] + [("chain", n) for n in sizes if n > 1] + [("fan", n) for n in FAN_SIZES if n in sizes]
     trees = {("chain", n): chain(n - 1) for n in sizes if n > 1}
     trees |= {("fan", n): fan(n) for n in FAN_SIZES if n in sizes}
-    plain_ms, chain_ms, leaf_ms = {}, {}, {}
-    bar = tqdm(total=len(contexts) * (repeats + 1) * len(shapes), desc="step costs", unit="step", disable=not progress)
+    plain_ms, chain_ms, leaf_ms, spread = {}, {}, {}, {}
+    bar = tqdm(total=len(contexts) * (repeats + 1) * (2 * len(shapes) - 1), desc="step costs", unit="step",
+               disable=not progress)
     for ctx in contexts:
         prefill = backend.prefill([(i * 7919 + 13) % backend.n_vocab for i in range(1, ctx + 1)])
-        samples: dict[tuple[str, int], list[float]] = {s: [] for s in shapes}
+
+        def timed(shape: tuple[str, int]) -> float:
+            backend.rollback(ctx)  # the same context for every step: the prompt, nothing after it
+            stats = GenerationStats()
+            if shape[0] == "plain":
+                stepper = PlainStepper(backend, prefill, params, stats)
+            else:
+                stepper = MedusaStepper(backend, prefill, params, stats, _FreeDrafter(backend.n_vocab), trees[shape])
+            stepper.step(8)  # the first token comes from the prompt's logits: no decode
+            t0 = time.perf_counter()
+            stepper.step(64)
+            bar.update()
+            return (time.perf_counter() - t0) * 1e3
+
+        plain: list[float] = []
+        ratios: dict[tuple[str, int], list[float]] = {s: [] for s in shapes[1:]}
         for r in range(repeats + 1):  # the first round warms up
-            for shape in shapes:
-                backend.rollback(ctx)  # the same context for every step: the prompt, nothing after it
-                stats = GenerationStats()
-                if shape[0] == "plain":
-                    stepper = PlainStepper(backend, prefill, params, stats)
-                else:
-                    stepper = MedusaStepper(backend, prefill, params, stats, _FreeDrafter(backend.n_vocab),
-                                            trees[shape])
-                stepper.step(8)  # the first token comes from the prompt's logits: no decode
-                t0 = time.perf_counter()
-                stepper.step(64)
+            for shape in shapes[1:]:
+                base = timed(("plain", 1))  # right before the tree step: the same load for both
+                step = timed(shape)
                 if r:
-                    samples[shape].append((time.perf_counter() - t0) * 1e3)
+                    plain.append(base)
+                    ratios[shape].append(step / base)
+            if r:
+                plain.append(timed(("plain", 1)))
+            else:
                 bar.update()
-        med = {s: statistics.median(v) for s, v in samples.items()}
-        plain_ms[ctx] = med[("plain", 1)]
-        chain_ms[ctx] = {1: med[("plain", 1)], **{n: med[("chain", n)] for n in sizes if n > 1}}
+        plain_ms[ctx] = base_ms = statistics.median(plain)
+        spread[ctx] = max(plain) / min(plain)
+        med = {s: statistics.median(v) * base_ms for s, v in ratios.items()}
+        chain_ms[ctx] = {1: base_ms, **{n: med[("chain", n)] for n in sizes if n > 1}}
         per_leaf = [(med[("fan", n)] - med[("chain", n)]) / (n - 2) for n in FAN_SIZES if n in sizes and n > 2]
         leaf_ms[ctx] = max(0.0, statistics.median(per_leaf)) if per_leaf else 0.0
     bar.close()
     backend.reset()
-    return StepCosts(key=key, machine=parts, contexts=contexts, plain_ms=plain_ms, chain_ms=chain_ms, leaf_ms=leaf_ms)
+    return StepCosts(key=key, machine=parts, contexts=contexts, plain_ms=plain_ms, chain_ms=chain_ms, leaf_ms=leaf_ms,
+                     spread=spread)
 
 
 class _FreeDrafter:

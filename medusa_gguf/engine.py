@@ -249,20 +249,45 @@ def cost_curve(backend: Backend, settings: Settings) -> CostCurve:
                      context_tokens=c, repeats=0, ms=costs.curve(c))
 
 
+def step_costs_cache(backend: Backend) -> Path:
+    """Where the step cost model of this backend's model and settings is cached."""
+    return user_cache_dir() / "costs" / f"steps-{cost_key(backend)[0]}.json"
+
+
+NOISY_SPREAD = 1.6  # plain steps this much apart (slowest / fastest) mean a busy machine while measuring
+_MEASURED: set[str] = set()  # keys measured in this process: once is enough
+
+
 def step_costs(backend: Backend, settings: Settings) -> StepCosts:
     """This machine's step cost model for this model and these settings, measured once and cached under a key
-    that covers the llama.cpp build, the CPU, threads, buffer types, n_ctx, GPU layers and flash attention."""
+    that covers the llama.cpp build, the CPU, threads, buffer types, n_ctx, GPU layers, flash attention and KV type.
+
+    A cached model measured on a busy machine (plain steps spread over NOISY_SPREAD) is measured again, once per
+    process, and the quieter of the two is kept: a model measured under load would otherwise stay forever."""
     key, _ = cost_key(backend)
-    cache = user_cache_dir() / "costs" / f"steps-{key}.json"
+    cache = step_costs_cache(backend)
+    cached = None
     if cache.is_file():
         try:
-            costs = StepCosts.from_json(json.loads(cache.read_text()))
-            log.info("step cost model from %s", cache)
-            return costs
+            cached = StepCosts.from_json(json.loads(cache.read_text()))
         except (KeyError, ValueError, TypeError):
             log.warning("ignoring unreadable step cost model %s", cache)
-    log.info("measuring this machine's step costs (once, about half a minute; cached in %s)", cache)
+    if cached is not None and (cached.noise <= NOISY_SPREAD or key in _MEASURED):
+        log.info("step cost model from %s", cache)
+        return cached
+    if cached is None:
+        log.info("measuring this machine's step costs (once, about half a minute; cached in %s)", cache)
+    else:
+        log.info("the cached step cost model %s was measured on a busy machine (plain steps %.1fx apart): "
+                 "measuring again", cache, cached.noise)
+    _MEASURED.add(key)
     costs = measure_step_costs(backend, repeats=4, progress=False)
+    if costs.noise > NOISY_SPREAD:
+        log.warning("the machine was busy while the step costs were measured (plain steps %.1fx apart); the "
+                    "calibration may misjudge trees: `medusa-gguf costs --steps` on a quiet machine measures again",
+                    costs.noise)
+    if cached is not None and cached.noise < costs.noise:
+        return cached
     try:
         save_json(costs.to_json(), cache)
     except OSError as exc:

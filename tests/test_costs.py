@@ -37,7 +37,8 @@ def test_leaves_of_trees():
 
 def test_the_cache_key_changes_with_what_the_costs_depend_on(backend):
     key, parts = cost_key(backend)
-    assert {"model_sha256", "system_info", "cpu", "threads", "extra_bufts", "n_ctx", "gpu_layers", "flash_attn"} <= set(parts)
+    assert {"model_sha256", "system_info", "cpu", "threads", "extra_bufts", "n_ctx", "gpu_layers", "flash_attn",
+            "kv_type"} <= set(parts)
     assert cost_key(backend)[0] == key  # stable
     threads, backend.n_threads = backend.n_threads, backend.n_threads + 1
     try:
@@ -59,10 +60,13 @@ def test_a_real_measurement_times_whole_steps(backend):
     for c in costs.contexts:
         assert costs.plain_ms[c] > 0 and costs.chain_ms[c][8] > costs.plain_ms[c]  # 8 tokens cost more than 1
         assert costs.leaf_ms[c] >= 0
+        assert costs.spread[c] >= 1.0  # slowest over fastest plain step
+    assert StepCosts.from_json(costs.to_json()) == costs
 
 
 def test_the_engine_measures_once_and_reads_the_cache(backend, monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(E, "_MEASURED", set())
     calls = []
 
     def fake_measure(b, **kw):
@@ -76,3 +80,32 @@ def test_the_engine_measures_once_and_reads_the_cache(backend, monkeypatch, tmp_
     (cached,) = (tmp_path / "medusa-gguf" / "costs").glob("steps-*.json")
     cached.write_text("{not json")
     assert E.step_costs(backend, backend.settings) == MADE_UP and len(calls) == 2  # unreadable: measured again
+
+
+def test_a_model_measured_on_a_busy_machine_is_measured_again_once(backend, monkeypatch, tmp_path):
+    """A measurement under load would otherwise be cached forever (one was: a plain step of 88 ms instead of 6)."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(E, "_MEASURED", set())
+    busy = replace(MADE_UP, spread={64: 3.0, 512: 1.2})
+    quiet = replace(MADE_UP, plain_ms={64: 9.0, 512: 13.0}, spread={64: 1.1, 512: 1.1})
+    results = [busy, quiet]
+    monkeypatch.setattr(E, "measure_step_costs", lambda b, **kw: results.pop(0))
+    assert busy.noise == 3.0 and quiet.noise == 1.1
+    assert E.step_costs(backend, backend.settings) == busy  # first start: measured, busy, cached with a warning
+    assert E.step_costs(backend, backend.settings) == busy  # the same process does not measure twice
+    E._MEASURED.clear()  # a new process
+    assert E.step_costs(backend, backend.settings) == quiet  # the busy cache is measured again and replaced
+    assert E.step_costs(backend, backend.settings) == quiet and not results  # quiet: read from the cache
+
+
+def test_a_busier_second_measurement_keeps_the_first(backend, monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(E, "_MEASURED", set())
+    busy = replace(MADE_UP, spread={64: 2.0})
+    busier = replace(MADE_UP, plain_ms={64: 30.0, 512: 40.0}, spread={64: 4.0})
+    results = [busy, busier]
+    monkeypatch.setattr(E, "measure_step_costs", lambda b, **kw: results.pop(0))
+    assert E.step_costs(backend, backend.settings) == busy
+    E._MEASURED.clear()  # a new process
+    assert E.step_costs(backend, backend.settings) == busy and not results  # measured again, kept the quieter
+    assert E.step_costs(backend, backend.settings) == busy  # once per process: no third measurement
