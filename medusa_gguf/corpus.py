@@ -1,6 +1,7 @@
 """The self-distilled corpus: the base model's greedy answers to prompts, kept in the repository as token ids.
 
-    nice -n 19 python -m medusa_gguf.corpus grow --target-tokens 1000000 [--minutes 60]
+    nice -n 19 python -m medusa_gguf.corpus grow --target-tokens 1000000 [--minutes 60] \
+        [--prompts medusa_gguf/prompts/corpus_prompts.jsonl medusa_gguf/prompts/train.jsonl]
     python -m medusa_gguf.corpus info
 
 Self-distillation is the slow part of making training data (hours for a million answer tokens on two CPU cores),
@@ -9,22 +10,22 @@ generated once, stored compressed, and grown in resumable chunks across sessions
 
 Layout, one folder per model file: data/corpus/<first 12 hex digits of the GGUF's SHA-256>/
 - manifest.json: the model's file name and SHA-256, the chat format (a rendered prompt), the generation
-  settings, the end-of-turn tokens, the chunks (name, samples, prompt and answer tokens), and the ids of the
+  settings, the KV cache type, the end-of-turn tokens, the chunks (name, samples, prompt and answer tokens), and the ids of the
   prompts done or skipped (too long).
 - chunk-00000.npz, ...: compressed arrays. `ids`, `sources` [S] str; `prompt_tokens`, `answer_tokens` int32 with
   `prompt_offsets`, `answer_offsets` int64 [S+1]; `finished` bool [S] (the answer ended with the end-of-generation
-  token, which is not stored, rather than at the length cap); `meta`, a JSON string with the model hash and the
-  generation settings, so a chunk is self-describing.
+  token, which is not stored, rather than at the length cap); `meta`, a JSON string with the model hash, the
+  generation settings and the KV type, so a chunk is self-describing.
 
 Crash safety: a chunk goes to a temporary file that `os.replace` renames, then the manifest likewise. A run killed
 inside a chunk loses that chunk's answers only (its temporary file is removed on the next open); one killed between
 the chunk and the manifest leaves a chunk that the next open adopts, after checking its `meta`.
 
 Exactness: answers come from `Backend.greedy_batch` in a context of independent streams whose calls hold at most
-EXACT_BATCH (63) tokens: a stream's answer then does not depend on which prompts share its calls or how many
-streams there are (tests/test_corpus.py compares batched with one prompt at a time). Plain decoding prefills a
-prompt of 64 or more tokens in one call on llama.cpp's tiled attention path instead, so there a near-tie can
-resolve differently (1 of 8 template prompts, measured); both are the model's own greedy answers.
+EXACT_BATCH (63) tokens, the calls that are batch-invariant on this build. With the bf16 KV cache (KV_TYPE=auto on a
+CPU) the batched answers equal plain one-prompt-at-a-time decoding (`Backend.prefill` then `append`) token for token:
+8 template prompts x 48 tokens and tests/test_corpus.py. With the f16 cache they did not (5 of 8 prompts differed
+between two runs' contexts), so the manifest records the KV type and a store refuses answers made with another.
 """
 from __future__ import annotations
 
@@ -84,6 +85,7 @@ class Manifest:
     chat_format: str
     end_of_turn: list[int]  # tokens the chat template puts after a finished answer
     generation: dict
+    kv_type: str  # the KV cache's element type: it decides near-ties (see Exactness above)
     chunks: list[dict] = field(default_factory=list)  # {"name", "samples", "prompt_tokens", "answer_tokens"}
     done: list[str] = field(default_factory=list)  # prompt ids, in the order they were answered
     skipped: list[str] = field(default_factory=list)  # prompt ids over max_prompt_tokens
@@ -173,7 +175,7 @@ class Store:
                 f"{expected.model_file} (sha256 {expected.model_sha256[:12]}…); its own folder is "
                 f"{corpus_dir(self.folder.parent, expected.model_sha256)}"
             )
-        for name in ("chat_format", "end_of_turn", "generation"):
+        for name in ("chat_format", "end_of_turn", "generation", "kv_type"):
             if getattr(m, name) != getattr(expected, name):
                 raise CorpusError(
                     f"{self.folder} was grown with {name} {getattr(m, name)!r}, not {getattr(expected, name)!r}; "
@@ -181,7 +183,8 @@ class Store:
                 )
 
     def meta(self) -> str:
-        return json.dumps({"model_sha256": self.manifest.model_sha256, "generation": self.manifest.generation},
+        m = self.manifest
+        return json.dumps({"model_sha256": m.model_sha256, "generation": m.generation, "kv_type": m.kv_type},
                           sort_keys=True)
 
     def _adopt_orphans(self) -> None:
@@ -274,7 +277,7 @@ def expected_manifest(backend: Backend, model_sha256: str, gen: Generation) -> M
         [{"role": "user", "content": "x"}, {"role": "assistant", "content": ""}], add_generation_prompt=False))
     n = next((i for i, (a, b) in enumerate(zip(prompt, full)) if a != b), min(len(prompt), len(full)))
     return Manifest(model_file=backend.model_path.name, model_sha256=model_sha256, chat_format=fmt,
-                    end_of_turn=[int(t) for t in full[n:]], generation=asdict(gen))
+                    end_of_turn=[int(t) for t in full[n:]], generation=asdict(gen), kv_type=backend.kv_type)
 
 
 def generation_backend(settings: Settings, streams: int, gen: Generation) -> Backend:
@@ -373,7 +376,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     g = sub.add_parser("grow", help="answer more prompts and append chunks")
     g.add_argument("--target-tokens", type=int, required=True, help="stop once the store holds this many answer tokens")
     g.add_argument("--minutes", type=float, default=None, help="stop after about this much generation time")
-    g.add_argument("--prompts", type=Path, default=PROMPTS, help="prompts JSONL (default: %(default)s)")
+    g.add_argument("--prompts", type=Path, nargs="+", default=[PROMPTS],
+                   help="prompt JSONL files, answered in order (default: %(default)s)")
     g.add_argument("--chunk-size", type=int, default=64, help="prompts per chunk file (default: %(default)s)")
     g.add_argument("--streams", type=int, default=16, help="prompts per decode call (default: %(default)s)")
     g.add_argument("--max-new-tokens", type=int, default=Generation.max_new_tokens, help="(default: %(default)s)")
@@ -393,7 +397,8 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{size / 1e6:.2f} MB ({size / max(1, m.answer_tokens) * 1000 / 1e3:.1f} kB per 1k answer tokens)")
         return 0
     gen = Generation(max_new_tokens=args.max_new_tokens)
-    report = grow(settings, read_prompts(args.prompts), target_tokens=args.target_tokens, root=args.root,
+    prompts = [p for path in args.prompts for p in read_prompts(path)]
+    report = grow(settings, prompts, target_tokens=args.target_tokens, root=args.root,
                   chunk_size=args.chunk_size, streams=args.streams, gen=gen,
                   max_seconds=args.minutes * 60 if args.minutes else None)
     print(f"{report.folder}: +{report.samples} samples, +{report.answer_tokens} answer tokens in {report.seconds:.0f} s "

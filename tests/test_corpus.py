@@ -21,7 +21,7 @@ from .conftest import ROOT, TEST_SETTINGS
 BUILDER = ROOT / "scripts" / "corpus_prompts.py"
 COMMITTED = ROOT / "medusa_gguf" / "prompts" / "corpus_prompts.jsonl"
 UNSEEN = ROOT / "medusa_gguf" / "prompts" / "unseen.jsonl"
-GEN = C.Generation(max_new_tokens=8)
+GEN = C.Generation(max_new_tokens=4)
 SMALL = {"python-docs": 40, "man": 12, "wordnet": 40, "fortunes": 20}
 
 
@@ -143,8 +143,8 @@ def test_load_gives_token_sequences_for_the_shard_builder(tmp_path, prompts, bac
         tail = m.end_of_turn if rec.finished else []
         assert seq.tokens[len(rec.prompt) :] == rec.answer.tolist() + tail
     assert C.load(report.folder, sources=["no-such-source"]) == []
-    split = C.load(report.folder, max_seq_len=8)
-    assert all(len(s.tokens) <= 8 for s in split) and sum(s.first_row == 0 for s in split) > 0
+    split = C.load(report.folder, max_seq_len=6)
+    assert all(len(s.tokens) <= 6 for s in split) and sum(s.first_row == 0 for s in split) > 0
 
 
 def test_kill_inside_a_chunk_leaves_a_loadable_store(tmp_path, prompts, monkeypatch):
@@ -201,14 +201,23 @@ def test_a_store_of_another_model_or_setting_is_refused(tmp_path, prompts):
     path.write_text(json.dumps(good))
     with pytest.raises(C.CorpusError, match="max_new_tokens"):
         _grow(tmp_path, prompts, gen=C.Generation(max_new_tokens=9))
+    path.write_text(json.dumps({**good, "kv_type": "f16" if good["kv_type"] != "f16" else "bf16"}))
+    with pytest.raises(C.CorpusError, match="kv_type"):
+        _grow(tmp_path, prompts)
 
 
-def test_batched_answers_equal_one_at_a_time(prompts):
-    """Several prompts per decode call give the same greedy answers as one prompt at a time, a long prompt too."""
-    gen = C.Generation(max_new_tokens=12)
+def test_batched_answers_equal_plain_decoding(prompts, backend):
+    """Several prompts per decode call give the greedy answers of plain decoding, one prompt at a time (prefill,
+    then one token per call), a long prompt too."""
+    gen = C.Generation(max_new_tokens=8)
     assert max(len(p.text) for p in prompts) > 500
     with C.generation_backend(Settings(**TEST_SETTINGS), len(prompts), gen) as b:
         together, _ = C.answer(b, prompts, len(prompts), gen)
-        alone = [C.answer(b, [p], 1, gen)[0][0] for p in prompts]
-    assert [r.answer.tolist() for r in together] == [r.answer.tolist() for r in alone]
+        assert b.kv_type == backend.kv_type
+    for rec in together:
+        out, plain = backend.prefill(rec.prompt.tolist()), []
+        while len(plain) < gen.max_new_tokens and not backend.is_eog(token := int(np.argmax(out.logits[-1]))):
+            plain.append(token)
+            out = backend.append([token])
+        assert rec.answer.tolist() == plain, rec.id
     assert len({tuple(r.answer.tolist()) for r in together}) == len(prompts)  # distinct answers: no stream mix-up
