@@ -143,7 +143,7 @@ class Eagle3Drafter(nn.Module):
         if d2t.numel() and (int(d2t.min()) < 0 or int(d2t.max()) >= c.n_vocab or d2t.unique().numel() != d2t.numel()):
             raise Eagle3Error(f"d2t must hold distinct target ids in 0..{c.n_vocab - 1}")
         w, q, kv = c.width, c.n_head * c.head_dim, c.n_head_kv * c.head_dim
-        self.register_buffer("embeddings", embeddings.detach().float().clone(), persistent=False)
+        self.register_buffer("embeddings", embeddings.detach().float(), persistent=False)  # frozen: shared, not copied
         self.register_buffer("d2t", d2t.clone())
         self.fc = nn.Linear(3 * c.target_width, w, bias=False)
         self.attn_norm = nn.Parameter(torch.ones(w))  # on the token embedding

@@ -35,7 +35,7 @@ import llama_cpp as lc
 from .backend import KV_GGML_TYPES, Backend, BackendError, ContextLengthError, _recent_llama_errors
 from .eagle3 import Eagle3Config, Eagle3Drafter
 from .features import LayerError, check_layers, default_target_layers
-from .models import ModelFileError, inspect_gguf
+from .models import GGUF_MAGIC, ModelFileError, TensorInfo
 
 log = logging.getLogger(__name__)
 
@@ -62,48 +62,94 @@ class MetaValue:
     value: Any  # str / number / bool, or a list (strings in arrays stay bytes, as in the file)
 
 
-def read_gguf_metadata(path: Path) -> dict[str, MetaValue]:
-    """Every key-value pair of a GGUF header. A plain parse over a memory map: a 49k-token vocabulary takes
-    ~0.1 s, where gguf.GGUFReader takes seconds (it builds arrays per string)."""
+@dataclass(frozen=True)
+class GGUFHeader:
+    meta: dict[str, MetaValue]
+    tensors: dict[str, TensorInfo]
+
+
+def read_gguf_header(path: Path) -> GGUFHeader:
+    """Every key-value pair and tensor record of a GGUF file; ModelFileError naming the problem for a missing,
+    foreign or truncated file. One pass over a memory map: ~0.1 s for a 49k-token vocabulary, where
+    gguf.GGUFReader takes seconds (it builds arrays per string) and models.inspect_gguf skips string by string."""
+    from gguf import GGML_QUANT_SIZES
+
     path = Path(path)
-    inspect_gguf(path)  # existence, magic, version, truncation: ModelFileError naming the problem
-    with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-        _, n_kv = struct.unpack_from("<QQ", mm, 8)
-        off, out = 24, {}
+    if not path.is_file():
+        raise ModelFileError(f"GGUF file not found: {path}" if not path.exists() else f"not a file: {path}")
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        if fh.read(4) != GGUF_MAGIC:
+            raise ModelFileError(f"not a GGUF file: {path}")
+        with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            try:
+                meta, tensors, end = _parse_header(mm, path)
+            except struct.error:
+                raise ModelFileError(f"truncated GGUF file {path}: the header ends early") from None
+    alignment = meta["general.alignment"].value if "general.alignment" in meta else 32
+    data_start = -(-end // alignment) * alignment
+    infos = {}
+    for name, shape, ggml_type, rel in tensors:
+        if ggml_type not in GGML_QUANT_SIZES:
+            raise ModelFileError(f"tensor {name} in {path} has unknown type {ggml_type}")
+        block, type_size = GGML_QUANT_SIZES[ggml_type]
+        n_bytes = int(np.prod(shape, dtype=np.int64)) // block * type_size
+        infos[name] = TensorInfo(name, shape, ggml_type, data_start + rel, n_bytes)
+        if data_start + rel + n_bytes > size:
+            raise ModelFileError(f"truncated GGUF file {path}: tensor {name} ends past the end of the file")
+    return GGUFHeader(meta, infos)
 
-        def string(at: int) -> tuple[bytes, int]:
-            (n,) = struct.unpack_from("<Q", mm, at)
-            return mm[at + 8 : at + 8 + n], at + 8 + n
 
-        for _ in range(n_kv):
-            key, off = string(off)
-            (vtype,) = struct.unpack_from("<I", mm, off)
-            off += 4
-            if vtype == _STRING:
-                raw, off = string(off)
-                out[key.decode()] = MetaValue(vtype, None, raw.decode("utf-8", errors="replace"))
-            elif vtype == _ARRAY:
-                sub, count = struct.unpack_from("<IQ", mm, off)
-                off += 12
-                if sub == _STRING:
-                    items = []
-                    for _ in range(count):
-                        raw, off = string(off)
-                        items.append(raw)
-                elif sub in _NP:
-                    n_bytes = count * np.dtype(_NP[sub]).itemsize
-                    items = np.frombuffer(mm[off : off + n_bytes], dtype=_NP[sub]).tolist()  # a copy: mm can close
-                    off += n_bytes
-                else:
-                    raise ModelFileError(f"{path}: key {key.decode()!r} is an array of type {sub}, not supported")
-                out[key.decode()] = MetaValue(vtype, sub, items)
-            elif vtype in _SCALAR:
-                (val,) = struct.unpack_from(_SCALAR[vtype], mm, off)
-                off += struct.calcsize(_SCALAR[vtype])
-                out[key.decode()] = MetaValue(vtype, None, val)
+def _parse_header(mm: mmap.mmap, path: Path) -> tuple[dict[str, MetaValue], list[tuple[str, tuple[int, ...], int, int]], int]:
+    version, n_tensors, n_kv = struct.unpack_from("<IQQ", mm, 4)
+    if version not in (2, 3):
+        raise ModelFileError(f"unsupported GGUF version {version} in {path} (supported: 2, 3)")
+    off, meta = 24, {}
+
+    def string(at: int) -> tuple[bytes, int]:
+        (n,) = struct.unpack_from("<Q", mm, at)
+        if at + 8 + n > len(mm):
+            raise struct.error("string past the end")
+        return mm[at + 8 : at + 8 + n], at + 8 + n
+
+    for _ in range(n_kv):
+        raw_key, off = string(off)
+        key = raw_key.decode("utf-8", errors="replace")
+        (vtype,) = struct.unpack_from("<I", mm, off)
+        off += 4
+        if vtype == _STRING:
+            raw, off = string(off)
+            meta[key] = MetaValue(vtype, None, raw.decode("utf-8", errors="replace"))
+        elif vtype == _ARRAY:
+            sub, count = struct.unpack_from("<IQ", mm, off)
+            off += 12
+            if sub == _STRING:
+                items = []
+                for _ in range(count):
+                    raw, off = string(off)
+                    items.append(raw)
+            elif sub in _NP:
+                n_bytes = count * np.dtype(_NP[sub]).itemsize
+                items = np.frombuffer(mm[off : off + n_bytes], dtype=_NP[sub]).tolist()  # a copy: mm can close
+                off += n_bytes
             else:
-                raise ModelFileError(f"{path}: key {key.decode()!r} has unknown value type {vtype}")
-    return out
+                raise ModelFileError(f"{path}: GGUF key {key!r} is an array of type {sub}, not supported")
+            meta[key] = MetaValue(vtype, sub, items)
+        elif vtype in _SCALAR:
+            (val,) = struct.unpack_from(_SCALAR[vtype], mm, off)
+            off += struct.calcsize(_SCALAR[vtype])
+            meta[key] = MetaValue(vtype, None, val)
+        else:
+            raise ModelFileError(f"{path}: GGUF key {key!r} has unknown value type {vtype}")
+    tensors = []
+    for _ in range(n_tensors):
+        raw_name, off = string(off)
+        (n_dims,) = struct.unpack_from("<I", mm, off)
+        shape = struct.unpack_from(f"<{n_dims}Q", mm, off + 4)
+        ggml_type, rel = struct.unpack_from("<IQ", mm, off + 4 + 8 * n_dims)
+        off += 4 + 8 * n_dims + 12
+        tensors.append((raw_name.decode(), tuple(shape), ggml_type, rel))
+    return meta, tensors, off
 
 
 @dataclass(frozen=True)
@@ -125,7 +171,7 @@ class TargetShape:
 
 
 def target_shape(path: Path, meta: dict[str, MetaValue] | None = None) -> TargetShape:
-    meta = read_gguf_metadata(path) if meta is None else meta
+    meta = read_gguf_header(path).meta if meta is None else meta
     arch = meta["general.architecture"].value
 
     def get(key: str, default: Any = None) -> Any:
@@ -186,7 +232,7 @@ def export_eagle3_gguf(drafter: Eagle3Drafter, path: Path, *, target_gguf: Path,
     if weight_type not in WEIGHT_TYPES:
         raise ValueError(f"weight_type {weight_type!r}; expected one of {WEIGHT_TYPES}")
     c, path, target_gguf = drafter.config, Path(path), Path(target_gguf)
-    meta = read_gguf_metadata(target_gguf)
+    meta = read_gguf_header(target_gguf).meta
     t = target_shape(target_gguf, meta)
     _check_target(c, t, "the drafter")
     state = {k: v.detach().cpu() for k, v in drafter.state_dict().items()}
@@ -284,7 +330,8 @@ def check_eagle3_file(path: Path, target: Backend) -> tuple[dict[str, MetaValue]
     """(metadata, d2t or None) of an eagle3 GGUF that fits `target`; Eagle3FileError naming the problem otherwise.
     Checked before llama.cpp sees the file: some of these mismatches abort the process inside llama.cpp."""
     path = Path(path)
-    meta = read_gguf_metadata(path)
+    header = read_gguf_header(path)
+    meta = header.meta
     arch = meta["general.architecture"].value if "general.architecture" in meta else "unknown"
     if arch != ARCH:
         raise Eagle3FileError(f"{path} is a {arch!r} model, not an EAGLE-3 drafter (general.architecture must be "
@@ -299,8 +346,7 @@ def check_eagle3_file(path: Path, target: Backend) -> tuple[dict[str, MetaValue]
     if tgt_width != target.n_embd:
         raise Eagle3FileError(f"{path} fuses features of a target of width {tgt_width} "
                               f"({ARCH}.target_hidden_size), but {target.model_path.name} has width {target.n_embd}")
-    info = inspect_gguf(path)
-    if "token_embd.weight" not in info.tensors and width != target.n_embd:
+    if "token_embd.weight" not in header.tensors and width != target.n_embd:
         raise Eagle3FileError(f"{path} has width {width} and no token embeddings of its own, so it reads "
                               f"{target.model_path.name}'s, of width {target.n_embd}: the widths must match")
     if len(layers) != 3:
@@ -315,8 +361,8 @@ def check_eagle3_file(path: Path, target: Backend) -> tuple[dict[str, MetaValue]
         raise Eagle3FileError(f"{path} has a vocabulary of {n_vocab} tokens, {target.model_path.name} has "
                               f"{target.n_vocab}; the drafter must carry the target's tokenizer")
     d2t = None
-    if "d2t" in info.tensors:
-        ti = info.tensors["d2t"]
+    if "d2t" in header.tensors:
+        ti = header.tensors["d2t"]
         d2t = np.fromfile(path, dtype=np.int64, count=ti.n_bytes // 8, offset=ti.offset)
     return meta, d2t
 
@@ -417,6 +463,9 @@ class LlamaEagle3:
             raise ValueError(f"features are {feats.shape}; the drafter reads rows of 3 x {self.target.n_embd} = "
                              f"{self.n_embd_enc} (target layers {self.target_layers})")
         out = []
+        # the encoder reads no positions, but the batch must continue seq 0's positions (llama_batch_allocr::init
+        # checks Y = X + 1 against the KV cache): placeholders after its last one, as common/speculative.cpp does
+        pos0 = self.pos_max(0) + 1
         for start in range(0, len(feats), self.n_batch):
             rows = feats[start : start + self.n_batch]
             lc.llama_batch_ext_clear(self._batch)
@@ -425,7 +474,7 @@ class LlamaEagle3:
                 idx = lc.llama_batch_ext_add_embd(self._batch, 0, embd)  # copies the row
                 if idx < 0:
                     raise BackendError(f"llama_batch_ext_add_embd failed ({idx}) at row {start + i}")
-                pos = lc.llama_pos(i)  # the encoder reads no positions; the batch wants them set
+                pos = lc.llama_pos(pos0 + i)
                 lc.llama_batch_ext_set_pos(self._batch, idx, ctypes.byref(pos))
                 lc.llama_batch_ext_set_output_logits(self._batch, idx, True)
             self._process(lc.LLAMA_PROCESS_TYPE_ENCODE, len(rows))
@@ -448,9 +497,11 @@ class LlamaEagle3:
             raise ValueError(f"{n} entries exceed the drafter's n_batch={self.n_batch}")
         seq_ids = [0] * n if seq_ids is None else seq_ids
         outputs = [True] * n if outputs is None else outputs
+        seq_sets = [(int(s),) if isinstance(s, (int, np.integer)) else tuple(int(x) for x in s) for s in seq_ids]
+        self._check_positions(positions, seq_sets)
         lc.llama_batch_ext_clear(self._batch)
         for i in range(n):
-            seqs = (seq_ids[i],) if isinstance(seq_ids[i], (int, np.integer)) else tuple(seq_ids[i])
+            seqs = seq_sets[i]
             idx = lc.llama_batch_ext_add_token(self._batch, int(seqs[0]), int(tokens[i]))
             if idx < 0:
                 raise BackendError(f"llama_batch_ext_add_token failed ({idx}) for token {tokens[i]} in seq {seqs[0]} "
@@ -473,6 +524,20 @@ class LlamaEagle3:
         logits = np.ctypeslib.as_array(lc.llama_get_logits(self._ctx), shape=(n_out, self.n_vocab))
         logits = logits.copy() if full_vocab else logits[:, self.d2t]
         return logits, self._prenorm(n_out)
+
+    def _check_positions(self, positions: Sequence[int], seq_sets: Sequence[tuple[int, ...]]) -> None:
+        """llama.cpp refuses a batch whose entries of a non-empty sequence do not start right after its last cell
+        (its log then only says "failed to initialize batch"), so say which sequence and positions."""
+        first: dict[int, int] = {}
+        for p, seqs in zip(positions, seq_sets):
+            for s in seqs:
+                if not 0 <= s < self.n_seq_max:
+                    raise ValueError(f"seq id {s} out of range 0..{self.n_seq_max - 1}")
+                first[s] = min(first.get(s, int(p)), int(p))
+        for s, p in first.items():
+            if self.pos_max(s) >= 0 and p != self.pos_max(s) + 1:  # an empty sequence may start anywhere
+                raise ValueError(f"seq {s} holds positions up to {self.pos_max(s)}, so its entries must start at "
+                                 f"{self.pos_max(s) + 1}, not {p}; remove later cells first (seq_rm)")
 
     # -- KV cache -----------------------------------------------------------------------------------------
 

@@ -9,7 +9,7 @@ import torch
 
 from medusa_gguf.eagle3 import Eagle3Config, Eagle3Drafter, Eagle3Error, load_drafter, read_drafter_file, save_drafter
 from medusa_gguf.eagle3_gguf import (Eagle3FileError, LlamaEagle3, eagle3_config_for, export_eagle3_gguf,
-                                     read_gguf_metadata)
+                                     read_gguf_header)
 from medusa_gguf.models import embedding_matrix, output_matrix
 
 DRAFT_VOCAB = 2048
@@ -57,13 +57,13 @@ def exported(drafter, model_path, tmp_path_factory):
 
 
 def test_exported_file_carries_the_eagle3_metadata(exported, drafter, model_path):
-    meta = read_gguf_metadata(exported("f32"))
+    meta = read_gguf_header(exported("f32")).meta
     assert meta["general.architecture"].value == "eagle3"
     assert meta["eagle3.target_layers"].value == [2, 15, 27]
     assert meta["eagle3.target_hidden_size"].value == 576
     assert meta["eagle3.block_count"].value == 1
     assert meta["eagle3.attention.head_count_kv"].value == 3
-    target_meta = read_gguf_metadata(model_path)
+    target_meta = read_gguf_header(model_path).meta
     assert meta["tokenizer.ggml.tokens"].value == target_meta["tokenizer.ggml.tokens"].value
     assert meta["tokenizer.ggml.merges"].value == target_meta["tokenizer.ggml.merges"].value
 
@@ -116,6 +116,9 @@ def test_llama_cpp_computes_what_torch_computes(weight_type, exported, drafter, 
 
         full, _ = e3.decode(deep[:1], h1[:1], [t + 2], seq_ids=[3], full_vocab=True)
         assert np.isneginf(np.delete(full[0], drafter.d2t.numpy())).all()
+        with pytest.raises(ValueError, match=f"seq 0 holds positions up to {t}, so its entries must start at {t + 1}"):
+            e3.decode(deep[:1], h1[:1], [t + 3])
+        assert np.array_equal(e3.encode(feats[:4]), g[:4])  # the encoder also runs beside a filled cache
 
     print(f"\n{weight_type}: context rows max|diff| prenorm {diff_h:.2e} logits {diff_l:.2e}, argmax agreement "
           f"{agree:.3f} over {N_ROWS} rows; draft steps prenorm {max(steps_h):.2e} logits {max(steps_l):.2e}")
