@@ -172,6 +172,8 @@ class TargetShape:
 
 def target_shape(path: Path, meta: dict[str, MetaValue] | None = None) -> TargetShape:
     meta = read_gguf_header(path).meta if meta is None else meta
+    if "general.architecture" not in meta:
+        raise ModelFileError(f"{path} has no general.architecture")
     arch = meta["general.architecture"].value
 
     def get(key: str, default: Any = None) -> Any:
@@ -364,6 +366,9 @@ def check_eagle3_file(path: Path, target: Backend) -> tuple[dict[str, MetaValue]
     if "d2t" in header.tensors:
         ti = header.tensors["d2t"]
         d2t = np.fromfile(path, dtype=np.int64, count=ti.n_bytes // 8, offset=ti.offset)
+        if ti.ggml_type != 27 or len(d2t) == 0 or d2t.min() < 0 or d2t.max() >= target.n_vocab:  # 27: GGML_TYPE_I64
+            raise Eagle3FileError(f"{path}: d2t must be I64 target ids in 0..{target.n_vocab - 1} (ggml_set_rows "
+                                  "scatters the draft logits to those rows)")
     return meta, d2t
 
 
@@ -372,12 +377,16 @@ class LlamaEagle3:
 
     The drafter's KV cache holds one cell per decoded (token, g) entry; sequence ids work as in the Backend
     (a cell may belong to several sequences: the cache is unified), so a caller can draft chains or trees and
-    roll them back with `seq_rm`. Not thread-safe; close before the target Backend."""
+    roll them back with `seq_rm`. The entries follow medusa_gguf/eagle3.py's convention, as llama-server drives
+    them: after the target has read tokens up to position t, decode (x_{i+1}, encode(f_i)) at positions i <= t
+    (the newest once x_{t+1} is known), then draft depth k at position t + k from the previous prenorm.
+    A sequence's entries must continue its last cell (Y = X + 1), so a rejected draft is removed before the
+    context grows again. Not thread-safe; close it before its target Backend."""
 
     def __init__(self, path: Path, target: Backend, *, n_ctx: int | None = None, n_batch: int = 512,
                  n_seq_max: int | None = None, kv_type: str = "f32", flash_attn: bool = False) -> None:
         """An f32 cache without flash attention by default: one layer's cache is small, and then the logits are
-        as exact as the weights (f32 weights: within ~3e-6 of torch on the default model). ggml's CPU flash
+        as exact as the weights (f32 weights: logits within ~1e-5 of torch on the default model). ggml's CPU flash
         attention rounds through f16 even over an f32 cache: ~2e-3 off in the logits, ~3e-4 in the prenorm."""
         self._model = self._ctx = self._batch = None
         self.path, self.target = Path(path), target
@@ -404,7 +413,7 @@ class LlamaEagle3:
         cparams.no_perf = True
         cparams.type_k = cparams.type_v = KV_GGML_TYPES[kv_type]
         cparams.flash_attn_type = lc.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else lc.LLAMA_FLASH_ATTN_TYPE_DISABLED
-        cparams.ctx_other = target._ctx
+        cparams.ctx_other = self._target_ctx = target._ctx  # its token embeddings feed the decoder
         self._ctx = lc.llama_init_from_model(self._model, cparams)
         if not self._ctx:
             raise BackendError(f"llama.cpp could not create a context for {self.path}: {_recent_llama_errors()}")
@@ -442,6 +451,13 @@ class LlamaEagle3:
 
     # -- passes -------------------------------------------------------------------------------------------
 
+    def _require_open(self) -> None:
+        """A freed context or target would crash inside llama.cpp; fail here instead."""
+        if not self._ctx:
+            raise BackendError(f"the drafter {self.path} is closed")
+        if self.target._ctx != self._target_ctx:  # the graph reads the target's token embeddings
+            raise BackendError(f"the target Backend of the drafter {self.path} was closed; close the drafter first")
+
     def _process(self, kind: int, n: int) -> None:
         rc = lc.llama_process(self._ctx, kind, self._batch)
         if rc == 1:
@@ -458,6 +474,7 @@ class LlamaEagle3:
 
     def encode(self, features: np.ndarray) -> np.ndarray:  # [n, 3 * n_embd_target] -> g [n, n_embd]
         """The fc pass, in chunks of n_batch rows. Touches no KV cell."""
+        self._require_open()
         feats = np.ascontiguousarray(features, dtype=np.float32)
         if feats.ndim != 2 or feats.shape[1] != self.n_embd_enc:
             raise ValueError(f"features are {feats.shape}; the drafter reads rows of 3 x {self.target.n_embd} = "
@@ -488,6 +505,7 @@ class LlamaEagle3:
         seq_ids[i] (an id or several; default 0). Returns, for the rows with outputs (default all), in order:
         (logits [n_out, draft vocab] in draft-id order, or [n_out, n_vocab] with -inf off the draft vocabulary
         when full_vocab; prenorm [n_out, n_embd], the g of the next draft step)."""
+        self._require_open()
         n = len(tokens)
         g = np.ascontiguousarray(g, dtype=np.float32)
         if g.shape != (n, self.n_embd) or len(positions) != n:
@@ -542,20 +560,26 @@ class LlamaEagle3:
     # -- KV cache -----------------------------------------------------------------------------------------
 
     def seq_rm(self, seq: int, p0: int = -1, p1: int = -1) -> None:
-        """Drop seq's cells at positions [p0, p1) (-1: open end); seq -1 drops them from every sequence."""
+        """Drop seq's cells at positions [p0, p1); p0 < 0 starts at 0, p1 < 0 runs to the end, so seq_rm(s) also
+        drops s from a shared prefix. seq -1: every sequence."""
+        self._require_open()
         if not lc.llama_memory_seq_rm(self._mem, seq, p0, p1):
             raise BackendError(f"llama.cpp refused to remove positions [{p0}, {p1}) of seq {seq} from the drafter")
 
     def seq_cp(self, src: int, dst: int, p0: int = -1, p1: int = -1) -> None:
-        """Add dst to src's cells at positions [p0, p1): dst then shares that prefix (no copy of the data)."""
+        """Add dst to src's cells at positions [p0, p1) (bounds as in seq_rm): dst shares them, no data is copied."""
+        self._require_open()
         lc.llama_memory_seq_cp(self._mem, src, dst, p0, p1)
 
     def seq_keep(self, seq: int) -> None:
+        self._require_open()
         lc.llama_memory_seq_keep(self._mem, seq)
 
     def pos_max(self, seq: int = 0) -> int:
         """Highest position held by seq, -1 when empty."""
+        self._require_open()
         return lc.llama_memory_seq_pos_max(self._mem, seq)
 
     def clear(self) -> None:
+        self._require_open()
         lc.llama_memory_clear(self._mem, True)

@@ -7,10 +7,14 @@ import numpy as np
 import pytest
 import torch
 
+from medusa_gguf.backend import Backend, BackendError
 from medusa_gguf.eagle3 import Eagle3Config, Eagle3Drafter, Eagle3Error, load_drafter, read_drafter_file, save_drafter
 from medusa_gguf.eagle3_gguf import (Eagle3FileError, LlamaEagle3, eagle3_config_for, export_eagle3_gguf,
                                      read_gguf_header)
 from medusa_gguf.models import embedding_matrix, output_matrix
+from medusa_gguf.settings import Settings
+
+from .conftest import TEST_SETTINGS
 
 DRAFT_VOCAB = 2048
 N_ROWS = 32  # context entries compared per weight type
@@ -175,6 +179,17 @@ def test_weights_file_refuses_pickled_code(tmp_path):
     torch.save({"format": "medusa-gguf-eagle3/1", "config": Eagle3Error("x")}, path)
     with pytest.raises(Eagle3Error, match="refusing"):
         read_drafter_file(path)
+
+
+def test_a_drafter_outliving_its_target_refuses_to_run(exported):
+    target = Backend(Settings(**TEST_SETTINGS))
+    e3 = LlamaEagle3(exported("f32"), target)
+    target.close()
+    with pytest.raises(BackendError, match="target Backend .* was closed; close the drafter first"):
+        e3.decode([1], np.zeros((1, 576), np.float32), [0])
+    e3.close()
+    with pytest.raises(BackendError, match="is closed"):
+        e3.pos_max(0)
 
 
 def test_a_non_eagle3_gguf_is_rejected(model_path, backend):
