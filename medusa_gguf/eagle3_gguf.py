@@ -35,7 +35,7 @@ import llama_cpp as lc
 from .backend import KV_GGML_TYPES, Backend, BackendError, ContextLengthError, _recent_llama_errors
 from .eagle3 import Eagle3Config, Eagle3Drafter
 from .features import LayerError, check_layers, default_target_layers
-from .models import GGUF_MAGIC, ModelFileError, TensorInfo
+from .models import GGUF_MAGIC, ModelFileError, TensorInfo, embedding_matrix, output_matrix
 
 log = logging.getLogger(__name__)
 
@@ -205,6 +205,25 @@ def eagle3_config_for(target_gguf: Path, *, target_layers: Sequence[int] | None 
                   n_vocab=t.n_vocab, target_layers=layers, draft_vocab_size=draft_vocab_size,
                   rope_theta=t.rope_theta, rms_eps=t.rms_eps, n_ctx_train=t.n_ctx_train, base_model_name=t.name)
     return Eagle3Config(**{**fields, **overrides})
+
+
+def drafter_for_target(target_gguf: Path, d2t: torch.Tensor | None = None, *,
+                       target_layers: Sequence[int] | None = None, **overrides: Any) -> Eagle3Drafter:
+    """A fresh drafter for `target_gguf`: its frozen token embeddings, and a head that starts as the target's
+    lm_head on the draft vocabulary `d2t` (its output rows and final-norm weight), so an untrained drafter's
+    logits are the target's logits of its own prenorm state."""
+    target_gguf = Path(target_gguf)
+    output = torch.from_numpy(output_matrix(target_gguf))
+    embeddings = torch.from_numpy(embedding_matrix(target_gguf, output.numpy()))
+    config = eagle3_config_for(target_gguf, target_layers=target_layers,
+                               draft_vocab_size=0 if d2t is None else len(d2t), **overrides)
+    drafter = Eagle3Drafter(config, embeddings, d2t, output)
+    norm = read_gguf_header(target_gguf).tensors.get("output_norm.weight")
+    if norm is not None and norm.ggml_type == 0 and norm.shape == (config.width,):  # 0: GGML_TYPE_F32
+        with torch.no_grad():
+            drafter.output_norm.copy_(torch.from_numpy(
+                np.fromfile(target_gguf, dtype=np.float32, count=config.width, offset=norm.offset)))
+    return drafter
 
 
 # -- export -------------------------------------------------------------------------------------------------------

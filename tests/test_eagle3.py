@@ -9,8 +9,8 @@ import torch
 
 from medusa_gguf.backend import Backend, BackendError
 from medusa_gguf.eagle3 import Eagle3Config, Eagle3Drafter, Eagle3Error, load_drafter, read_drafter_file, save_drafter
-from medusa_gguf.eagle3_gguf import (Eagle3FileError, LlamaEagle3, eagle3_config_for, export_eagle3_gguf,
-                                     read_gguf_header)
+from medusa_gguf.eagle3_gguf import (Eagle3FileError, LlamaEagle3, drafter_for_target, eagle3_config_for,
+                                     export_eagle3_gguf, read_gguf_header)
 from medusa_gguf.models import embedding_matrix, output_matrix
 from medusa_gguf.settings import Settings
 
@@ -228,3 +228,15 @@ def test_files_that_do_not_fit_the_target_are_rejected(tmp_path, backend, drafte
                         drafter.embeddings, drafter.d2t)
     with pytest.raises(Eagle3FileError, match="layer 30 does not exist"):
         export_eagle3_gguf(bad, tmp_path / "bad.gguf", target_gguf=model_path)
+
+
+def test_an_untrained_drafter_scores_like_the_target_lm_head(model_path, target):
+    d2t = torch.arange(0, 49152, 7)
+    drafter = drafter_for_target(model_path, d2t)
+    h = torch.randn(3, 576)
+    norm = read_gguf_header(model_path).tensors["output_norm.weight"]
+    w = torch.from_numpy(np.fromfile(model_path, dtype=np.float32, count=576, offset=norm.offset))
+    expected = (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + drafter.config.rms_eps) * w) @ target[1][d2t].T
+    with torch.no_grad():
+        assert torch.allclose(drafter.logits(h), expected, atol=1e-4)
+    assert torch.equal(drafter.embeddings, target[0]) and "embeddings" not in dict(drafter.named_parameters())
