@@ -11,6 +11,7 @@ from medusa_gguf.backend import Backend, BackendError
 from medusa_gguf.eagle3 import Eagle3Config, Eagle3Drafter, Eagle3Error, load_drafter, read_drafter_file, save_drafter
 from medusa_gguf.eagle3_gguf import (Eagle3FileError, LlamaEagle3, drafter_for_target, eagle3_config_for,
                                      export_eagle3_gguf, read_gguf_header)
+from medusa_gguf.features import extract_features
 from medusa_gguf.models import embedding_matrix, output_matrix
 from medusa_gguf.settings import Settings
 
@@ -18,8 +19,8 @@ from .conftest import TEST_SETTINGS
 
 DRAFT_VOCAB = 2048
 N_ROWS = 32  # context entries compared per weight type
-# max |llama.cpp - torch| allowed (prenorm, logits) per weight type; measured ~1e-6/1e-5 (f32), 8e-4/8e-3 (f16),
-# 2e-2/0.13 (q8_0: llama.cpp also rounds the activations to 8 bits)
+# max |llama.cpp - torch| allowed (prenorm, logits) per weight type; measured 7e-7/1e-5 (f32), 8e-4/6e-3 (f16),
+# 2e-2/0.14 (q8_0: llama.cpp also rounds the activations to 8 bits), logits of magnitude ~11
 TOLERANCE = {"f32": (1e-4, 1e-3), "f16": (5e-3, 5e-2), "q8_0": (0.1, 0.5)}
 
 
@@ -82,7 +83,7 @@ def test_llama_cpp_computes_what_torch_computes(weight_type, exported, drafter, 
     with LlamaEagle3(exported(weight_type), backend) as e3, torch.no_grad():
         g = e3.encode(feats)
         g_t = drafter.fuse(torch.from_numpy(feats))
-        assert np.abs(g - g_t.numpy()).max() < tol_h
+        assert np.abs(g - g_t.numpy()).max() < 1e-4  # fc is f32 in every file
 
         # context entries (token t+1, g_t) at positions t, from the same g on both sides
         logits, pre = e3.decode(tokens, g_t.numpy(), positions)
@@ -129,6 +130,16 @@ def test_llama_cpp_computes_what_torch_computes(weight_type, exported, drafter, 
     assert diff_h < tol_h and diff_l < tol_l
     assert max(steps_h) < tol_h and max(steps_l) < tol_l
     assert agree >= 0.9
+
+
+def test_real_features_with_massive_activations_encode_exactly(exported, drafter, backend, prompt_tokens):
+    """The target's residual stream reaches ~25,000 on the default model: beyond what f16 or q8_0 activations keep,
+    which is why fc stays f32 in a q8_0 file."""
+    feats = extract_features(backend, prompt_tokens, drafter.config.target_layers)
+    assert np.abs(feats).max() > 1e4
+    with LlamaEagle3(exported("q8_0"), backend) as e3, torch.no_grad():
+        g = e3.encode(feats)
+        assert np.abs(g - drafter.fuse(torch.from_numpy(feats)).numpy()).max() < 1e-3
 
 
 def test_ttt_one_step_is_the_plain_forward(drafter):
