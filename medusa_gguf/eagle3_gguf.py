@@ -100,7 +100,10 @@ def read_gguf_header(path: Path) -> GGUFHeader:
     return GGUFHeader(meta, infos)
 
 
-def _parse_header(mm: mmap.mmap, path: Path) -> tuple[dict[str, MetaValue], list[tuple[str, tuple[int, ...], int, int]], int]:
+_RawTensor = tuple[str, tuple[int, ...], int, int]  # name, shape (GGUF order), ggml type, offset in the data
+
+
+def _parse_header(mm: mmap.mmap, path: Path) -> tuple[dict[str, MetaValue], list[_RawTensor], int]:
     version, n_tensors, n_kv = struct.unpack_from("<IQQ", mm, 4)
     if version not in (2, 3):
         raise ModelFileError(f"unsupported GGUF version {version} in {path} (supported: 2, 3)")
