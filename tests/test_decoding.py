@@ -223,4 +223,6 @@ def test_max_tokens_and_context_end(backend, prompts, plain_outputs):
 def test_utf8_pieces_are_whole_characters(backend):
     prompt = backend.tokenize(backend.apply_chat_template([{"role": "user", "content": "Write 東京 and café five times."}]))
     pieces = list(generate(backend, prompt, SamplingParams(max_tokens=40)))
-    assert all("\ufffd" not in p for p in pieces)
+    # Every piece but the last is whole characters; the last may be a character that max_tokens cut in half
+    # (flushed as U+FFFD, since its remaining bytes never come): with the bf16 KV cache the 40th token is one.
+    assert len(pieces) > 5 and all("\ufffd" not in p for p in pieces[:-1])
