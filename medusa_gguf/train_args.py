@@ -34,7 +34,8 @@ class TrainArgs:
     output_dir: str = "medusa_heads_weights"
     cache_dir: str | None = None  # default: <output_dir>/cache
     k_heads: int = 5
-    head_type: str = "medusa"  # "medusa" or "dependent"
+    head_type: str = "medusa"  # "medusa", "dependent" or "eagle3"
+    ttt_steps: int = 3  # eagle3: training-time test steps (the drafter unrolled on its own states)
     mix_rank: int = 0  # dependent heads: rank of the path-mixing matrices (0: full)
     num_layers: int = 1
     hidden_dim: int = 0  # 0: half the base model's width
@@ -82,8 +83,13 @@ def build_parser(prog: str = "train_medusa.py") -> argparse.ArgumentParser:
                         "(for data-size curves; 0: all)")
     h = p.add_argument_group("heads")
     h.add_argument("--k_heads", type=int, default=d.k_heads, help="number of heads (default: %(default)s)")
-    h.add_argument("--head_type", default=d.head_type, choices=["medusa", "dependent"],
-                   help="medusa: head k reads h_t; dependent: also the embeddings of tokens t+1..t+k on its tree path "
+    h.add_argument("--head_type", default=d.head_type, choices=["medusa", "dependent", "eagle3"],
+                   help="medusa: head k reads h_t; dependent: also the embeddings of tokens t+1..t+k on its tree path; "
+                        "eagle3: an EAGLE-3 drafter (one decoder layer over three target layers' features, trained "
+                        "with training-time test; eagle3_latest.pth, exported to llama.cpp by medusa_gguf.eagle3_gguf) "
+                        "(default: %(default)s)")
+    h.add_argument("--ttt_steps", type=int, default=d.ttt_steps,
+                   help="eagle3: steps the drafter is unrolled on its own predictions, each with a loss "
                         "(default: %(default)s)")
     h.add_argument("--mix_rank", type=int, default=d.mix_rank,
                    help="dependent heads: rank of the matrices that mix the path embeddings in (0: full rank; "

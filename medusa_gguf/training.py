@@ -229,8 +229,13 @@ def lr_lambda(step: int, warmup: int, total: int) -> float:
 
 
 def train(args: TrainArgs) -> Path:
-    """Run the whole pipeline; return the path of medusa_heads_latest.pth."""
+    """Run the whole pipeline; return the path of medusa_heads_latest.pth (eagle3_latest.pth for --head_type eagle3)."""
     from .backend import Backend  # llama.cpp is loaded only when training really starts
+
+    if args.head_type == "eagle3":
+        from .eagle3_train import train_eagle3
+
+        return train_eagle3(args)
 
     device = pick_device(args.device)
     dist = init_distributed(device)

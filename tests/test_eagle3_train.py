@@ -1,0 +1,87 @@
+"""EAGLE-3 training with training-time test: the target masking convention, a real run through the founding
+document's entry point on the tiny self-distilled corpus, and an interrupted run that resumes exactly."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from medusa_gguf.eagle3 import load_drafter, read_drafter_file
+from medusa_gguf.eagle3_train import step_targets, train_eagle3
+from medusa_gguf.models import embedding_matrix, output_matrix
+from medusa_gguf.train_args import TrainArgs
+
+from .conftest import PROMPTS_SMALL, ROOT, TINY_TRAIN_FLAGS
+
+
+@pytest.fixture(scope="module")
+def eagle3_run(tiny_run):
+    """A drafter trained on tiny_run's cached answers (its features are extracted here). Returns the run folder."""
+    out = tiny_run[0]
+    cmd = [sys.executable, str(ROOT / "model" / "train_medusa.py"), *TINY_TRAIN_FLAGS, "--epochs", "3",
+           "--head_type", "eagle3", "--ttt_steps", "3", "--output_dir", str(out / "eagle3"),
+           "--cache_dir", str(out / "cache")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "EAGLE-3: layers (2, 15, 27)" in proc.stderr
+    return out / "eagle3"
+
+
+def test_step_targets_follow_the_ttt_convention():
+    # One sequence of 5 kept rows padded to 6; answer rows from row 1 on. future[t, j] = token t+1+j.
+    tokens = torch.tensor([[10, 11, 12, 13, 14, 0]])
+    future = torch.full((1, 6, 4), -1)
+    for t in range(5):
+        for j in range(4):
+            if t + 1 + j <= 6:  # the sequence has tokens 10..16
+                future[0, t, j] = 11 + t + j
+    batch = {"tokens": tokens, "future": future, "answer": torch.tensor([[False, True, True, True, True, False]]),
+             "valid": torch.tensor([[True] * 5 + [False]])}
+    identity = torch.arange(100)
+    got = step_targets(batch, identity, 3)
+    # step k, row t: predicts token t+k+2 = 12+t+k; counts where the input token t+1+k is a kept row (< 5),
+    # the row is an answer row and the target exists.
+    assert got[0, 0].tolist() == [-1, 13, 14, 15, -1, -1]
+    assert got[1, 0].tolist() == [-1, 14, 15, -1, -1, -1]
+    assert got[2, 0].tolist() == [-1, 15, -1, -1, -1, -1]
+    draft = torch.full((100,), -1)
+    draft[13] = 0  # a draft vocabulary of one token: the others do not count
+    assert step_targets(batch, draft, 1)[0, 0].tolist() == [-1, 0, -1, -1, -1, -1]
+
+
+def test_training_writes_loadable_drafters_and_learns(eagle3_run, model_path):
+    for name in ("eagle3_epoch1.pth", "eagle3_epoch3.pth", "eagle3_latest.pth", "training_state.pth",
+                 "metrics.jsonl", "training_curves.png"):
+        assert (eagle3_run / name).is_file(), name
+    config, _ = read_drafter_file(eagle3_run / "eagle3_latest.pth")
+    assert config.target_layers == (2, 15, 27) and config.draft_vocab_size == 2048
+    assert config.training_args["ttt_steps"] == 3
+    out = output_matrix(model_path)
+    drafter = load_drafter(eagle3_run / "eagle3_latest.pth", torch.from_numpy(embedding_matrix(model_path, out)))
+    assert drafter.config == config
+    rows = [json.loads(line) for line in (eagle3_run / "metrics.jsonl").read_text().splitlines()]
+    val = [r for r in rows if "val_loss" in r]
+    assert len(val) == 3 and all(len(r["top1"]) == 3 for r in val)
+    assert val[-1]["val_loss"] < val[0]["val_loss"], [r["val_loss"] for r in val]
+    train_losses = [r["loss"] for r in rows if "loss" in r]
+    assert sum(train_losses[-3:]) < sum(train_losses[:3]), train_losses
+    assert all(1.0 <= r["val_tau_chain"] <= 4.0 for r in val)
+
+
+def test_resume_ends_with_the_same_weights(tiny_run, tmp_path):
+    cache = tiny_run[0] / "cache"
+    base = TrainArgs(self_distill=True, prompts_file=str(PROMPTS_SMALL), distill_max_tokens=96, threads=2,
+                     val_fraction=0.2, draft_vocab_size=512, batch_size=4, learning_rate=2e-3, epochs=2,
+                     head_type="eagle3", ttt_steps=2, cache_dir=str(cache), save_steps=0)
+    whole = train_eagle3(TrainArgs(**{**base.__dict__, "output_dir": str(tmp_path / "whole")}))
+    cut = TrainArgs(**{**base.__dict__, "output_dir": str(tmp_path / "cut")})
+    train_eagle3(TrainArgs(**{**cut.__dict__, "stop_after_steps": 3}))
+    resumed = train_eagle3(TrainArgs(**{**cut.__dict__, "resume": True}))
+    a, b = read_drafter_file(whole)[1], read_drafter_file(resumed)[1]
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
