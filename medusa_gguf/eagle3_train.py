@@ -157,7 +157,7 @@ def train_eagle3(args: TrainArgs) -> Path:
     from .eagle3 import save_drafter
     from .eagle3_gguf import drafter_for_target
     from .features import default_target_layers, extract_feature_shards
-    from .training import gather_samples, pick_device, plot_metrics
+    from .training import pick_device, plot_metrics, training_sequences
 
     if args.ttt_steps < 1:
         raise ValueError(f"--ttt_steps {args.ttt_steps}: at least 1")
@@ -174,8 +174,7 @@ def train_eagle3(args: TrainArgs) -> Path:
     settings = Settings.from_env(base_model_path=model_path, n_threads=args.threads or None,
                                  n_ctx=max(1024, args.max_seq_len + 64))
     backend = Backend(settings)
-    samples = gather_samples(args, backend, cache)
-    seqs = D.tokenize_samples(backend, samples, args.max_seq_len, train_on_prompt=args.train_on_prompt)
+    seqs = training_sequences(args, backend, cache, model_sha)
     train_seqs, val_seqs = D.split_sequences(seqs, args.val_fraction, args.seed)
     layers = default_target_layers(backend.n_layer)
     n_vocab = backend.n_vocab

@@ -24,6 +24,7 @@ class TrainArgs:
     dataset_split: str = "train"
     train_files: tuple[str, ...] = ()
     self_distill: bool = False
+    corpus: str | None = None  # a self-distilled corpus root (medusa_gguf.corpus, e.g. data/corpus): its answers
     prompts_file: str | None = None
     max_samples: int = 0  # 0: all
     distill_max_tokens: int = 256
@@ -70,6 +71,9 @@ def build_parser(prog: str = "train_medusa.py") -> argparse.ArgumentParser:
     g.add_argument("--dataset_split", default=d.dataset_split, help="split, e.g. 'train[:10%%]' (default: %(default)s)")
     g.add_argument("--train_files", nargs="*", default=[], help=".txt, .jsonl with 'text', or .jsonl chat 'messages'")
     g.add_argument("--self_distill", action="store_true", help="train on the base model's own answers to the prompts")
+    g.add_argument("--corpus", help="train on the answers stored in this self-distilled corpus root (data/corpus, "
+                                    "grown by `python -m medusa_gguf.corpus grow`) instead of samples; the model's "
+                                    "hash picks its folder")
     g.add_argument("--prompts_file", help="prompts for --self_distill (.jsonl with 'prompt'/'messages'/'text', or .txt)")
     g.add_argument("--max_samples", type=int, default=0, help="use at most this many samples/prompts (0: all)")
     g.add_argument("--distill_max_tokens", type=int, default=d.distill_max_tokens, help="answer length cap (default: %(default)s)")

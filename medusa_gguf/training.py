@@ -91,6 +91,21 @@ def gather_samples(args: TrainArgs, backend, cache: Path) -> list[D.Sample]:
     return samples
 
 
+def training_sequences(args: TrainArgs, backend, cache: Path, model_sha: str) -> list[D.TokenSeq]:
+    """Token sequences to train on: a stored self-distilled corpus (--corpus), else the gathered samples."""
+    if args.corpus:
+        from .corpus import corpus_dir, load
+
+        folder = corpus_dir(Path(args.corpus), model_sha)
+        seqs = load(folder, model_sha256=model_sha, max_seq_len=args.max_seq_len)
+        if not seqs:
+            raise D.DataError(f"the corpus {folder} holds no answers yet: grow it with `python -m medusa_gguf.corpus grow`")
+        log.info("training on %d sequences of the corpus %s", len(seqs), folder)
+        return seqs
+    samples = gather_samples(args, backend, cache)
+    return D.tokenize_samples(backend, samples, args.max_seq_len, train_on_prompt=args.train_on_prompt)
+
+
 def sequences_per_shard(paths: list[Path], max_sequences: int = 0) -> list[int]:
     """Sequences used from each shard: all of them, or the first `max_sequences` in shard order (0: no limit).
     Reads only each shard's offsets."""
@@ -252,10 +267,9 @@ def train(args: TrainArgs) -> Path:
     backend = Backend(settings)
     if dist.world > 1 and not dist.main:
         torch.distributed.barrier()  # rank 0 generates (or finds) the self-distilled corpus first
-    samples = gather_samples(args, backend, cache)
+    seqs = training_sequences(args, backend, cache, model_sha)
     if dist.world > 1 and dist.main:
         torch.distributed.barrier()
-    seqs = D.tokenize_samples(backend, samples, args.max_seq_len, train_on_prompt=args.train_on_prompt)
     context = sum(s.first_row for s in seqs)
     if context:
         log.info("%d of %d positions are prompt and chat template: decoded as context, not trained or scored "

@@ -85,3 +85,15 @@ def test_resume_ends_with_the_same_weights(tiny_run, tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_training_reads_the_stored_corpus(model_path, tmp_path):
+    from medusa_gguf.corpus import CorpusError
+    from medusa_gguf.models import file_sha256
+    from medusa_gguf.training import training_sequences
+
+    sha = file_sha256(model_path)
+    seqs = training_sequences(TrainArgs(corpus=str(ROOT / "data" / "corpus")), None, tmp_path, sha)
+    assert len(seqs) >= 16 and all(0 < s.first_row < len(s.tokens) for s in seqs)  # prompt as context
+    with pytest.raises((CorpusError, FileNotFoundError, ValueError), match=str(tmp_path)):
+        training_sequences(TrainArgs(corpus=str(tmp_path)), None, tmp_path, sha)
