@@ -15,7 +15,7 @@ import pytest
 import llama_cpp as lc
 
 from medusa_gguf import features as F
-from medusa_gguf.backend import EXACT_BATCH, Backend
+from medusa_gguf.backend import EXACT_BATCH, KV_GGML_TYPES, Backend
 from medusa_gguf.data import read_shard
 from medusa_gguf.models import embedding_matrix
 
@@ -43,6 +43,7 @@ class CallbackReader:
         params.pooling_type = lc.LLAMA_POOLING_TYPE_NONE
         params.flash_attn_type = lc.LLAMA_FLASH_ATTN_TYPE_ENABLED
         params.n_threads = params.n_threads_batch = backend.n_threads
+        params.type_k = params.type_v = KV_GGML_TYPES[backend.kv_type]  # the same KV cache type: the same sums
         params.cb_eval = self._cb
         params.cb_eval_user_data = None
         self.ctx = lc.llama_init_from_model(backend._model, params)
