@@ -29,7 +29,8 @@ plain decoding would show it, in the same order:
 
 Every decode returns, per output row, the logits and the final hidden state (post final norm, the vector the
 lm_head multiplies): `embeddings=True` with `pooling_type=NONE`. Prefill's calls before its last switch embeddings
-off and output nothing (`prefill_spans`).
+off and output nothing (`prefill_spans`). With layer taps on (`tap_layers`, for an EAGLE-3 drafter) every call also
+returns the tapped layers' inputs for EVERY token of the call, prefill's silent calls included (`features`).
 """
 from __future__ import annotations
 
@@ -126,6 +127,28 @@ class DecodeOutput:
 
     logits: np.ndarray  # [n, n_vocab] float32
     hidden: np.ndarray  # [n, n_embd] float32, post-final-norm state the lm_head consumes
+    features: np.ndarray | None = None  # [n_tokens, len(taps) * n_embd] float32 with layer taps on, else None
+
+
+def cpp_function(names: Sequence[str], argtypes: list, restype, what: str):
+    """A libllama function declared in a C++ header (src/llama-ext.h), so exported under its Itanium-mangled name;
+    `names` lists the C name first. BackendError saying what this build cannot do (`what`) when none is there."""
+    lib = lc.llama_cpp._lib
+    for name in names:
+        fn = getattr(lib, name, None)
+        if fn is not None:
+            fn.argtypes, fn.restype = argtypes, restype
+            return fn
+    raise BackendError(f"{lib._name} exports none of {', '.join(names)}; this llama.cpp build cannot {what}")
+
+
+def layer_input_functions():
+    """(llama_set_embeddings_layer_inp, llama_get_embeddings_layer_inp): tap the input of decoder layer `l`."""
+    set_fn = cpp_function(("llama_set_embeddings_layer_inp", "_Z30llama_set_embeddings_layer_inpP13llama_contextjb"),
+                          [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_bool], None, "tap layer inputs")
+    get_fn = cpp_function(("llama_get_embeddings_layer_inp", "_Z30llama_get_embeddings_layer_inpP13llama_contextj"),
+                          [ctypes.c_void_p, ctypes.c_uint32], ctypes.POINTER(ctypes.c_float), "tap layer inputs")
+    return set_fn, get_fn
 
 
 @dataclass(frozen=True)
@@ -219,6 +242,9 @@ class Backend:
         self.n_batch = n_batch
         self.streams = streams
         self.n_seq_max = streams or N_SEQ_MAX
+        if n_batch < self.n_seq_max:  # llama.cpp reserves one output per sequence and aborts the process otherwise
+            raise ValueError(f"n_batch={n_batch} is below the context's {self.n_seq_max} sequences; it must be at least "
+                             f"{self.n_seq_max}")
         self.flash_attn = flash_attn
         self.n_threads = settings.n_threads or default_threads()  # CPU threads of every decode
         self._load_model()
@@ -227,6 +253,8 @@ class Backend:
         self._new_context()
         self.n_past = 0
         self._tree: _PendingTree | None = None
+        self.taps: tuple[int, ...] = ()  # layers whose inputs every decode returns (tap_layers)
+        self._taps_fn = None
         log.info(
             "loaded %s (%s, %.1f MB, vocab %d, width %d, %d layers) n_ctx=%d threads=%s gpu_layers=%d "
             "weight buffers: %s; KV cache %s (%s)",
@@ -383,7 +411,39 @@ class Backend:
             else np.empty((n, 0), dtype=np.float32)
         )
         hidden = np.ctypeslib.as_array(lc.llama_get_embeddings(self._ctx), shape=(n, self.n_embd)).copy()
-        return DecodeOutput(logits=logits, hidden=hidden)
+        return DecodeOutput(logits=logits, hidden=hidden, features=self._read_taps(n))
+
+    def tap_layers(self, layers: Sequence[int]) -> None:
+        """From now on every decode also returns the inputs of these decoder layers (llama.cpp's layer-input ids,
+        medusa_gguf/features.py), side by side per token in this order, as DecodeOutput.features; () stops it.
+        llama.cpp aborts the process on a layer id it lacks, so ids are checked here."""
+        layers = tuple(int(lid) for lid in layers)
+        bad = [lid for lid in layers if not 0 <= lid < self.n_layer]
+        if bad or len(set(layers)) != len(layers):
+            raise ValueError(f"layer taps {layers}: ids must be distinct and lie in 0..{self.n_layer - 1} "
+                             f"(the model has {self.n_layer} layers)")
+        if self._taps_fn is None:
+            self._taps_fn = layer_input_functions()
+        set_fn = self._taps_fn[0]
+        for lid in self.taps:
+            set_fn(self._ctx, lid, False)
+        for lid in layers:
+            set_fn(self._ctx, lid, True)
+        self.taps = layers
+
+    def _read_taps(self, n_tokens: int) -> np.ndarray | None:
+        """[n_tokens, len(taps) * n_embd] of the last call: llama.cpp copies a tapped input for every token of the
+        call, outputs or not, into a buffer the next call overwrites."""
+        if not self.taps:
+            return None
+        get_fn, w = self._taps_fn[1], self.n_embd
+        out = np.empty((n_tokens, len(self.taps) * w), dtype=np.float32)
+        for k, lid in enumerate(self.taps):
+            ptr = get_fn(self._ctx, lid)
+            if not ptr:
+                raise BackendError(f"llama.cpp returned no input for tapped layer {lid}")
+            out[:, k * w : (k + 1) * w] = np.ctypeslib.as_array(ptr, shape=(n_tokens, w))
+        return out
 
     def _make_room(self, n_new: int, n_cells: int) -> None:
         """Check the user-visible window for `n_new` positions; compact if `n_cells` cells would not fit."""
@@ -416,7 +476,8 @@ class Backend:
         self._tree = None
 
     def prefill(self, tokens: Sequence[int]) -> DecodeOutput:
-        """Start a new text: clear the cache, decode `tokens` into seq 0; return the LAST token's outputs.
+        """Start a new text: clear the cache, decode `tokens` into seq 0; return the LAST token's outputs (and, with
+        layer taps on, the features of EVERY token).
 
         Only the last call (at most 2 * TILED_BATCH - 1 tokens) outputs anything, bit-identical to `append` chunks."""
         if not tokens:
@@ -425,10 +486,13 @@ class Backend:
             raise ContextLengthError(f"prompt of {len(tokens)} tokens exceeds the context window n_ctx={self.n_ctx}")
         self.reset()
         *silent, (start, stop) = prefill_spans(len(tokens), self.n_batch)
+        features = []
         for a, b in silent:
             self._decode_silent(tokens[a:b])
+            features.append(self._read_taps(b - a))
         out = self.append(tokens[start:stop])
-        return DecodeOutput(logits=out.logits[-1:], hidden=out.hidden[-1:])
+        return DecodeOutput(logits=out.logits[-1:], hidden=out.hidden[-1:],
+                            features=np.concatenate(features + [out.features]) if self.taps else None)
 
     def _decode_silent(self, tokens: Sequence[int]) -> None:
         """Decode a chain onto seq 0 with no outputs: embeddings off (they force an output per token) and no token

@@ -201,34 +201,69 @@ class PlainStepper:
         return [self.pending]
 
 
-class MedusaStepper:
-    """One Medusa step: heads guess, the tree is decoded in one call, the longest accepted path is committed.
+class DraftSession(Protocol):
+    """One request's drafting state, behind which each drafter lives (Medusa or dependent heads, EAGLE-3).
 
-    Index convention: `hidden` is h_t of the last committed token t; `pending` is token t+1 (sampled from h_t's
-    logits, not yet decoded). Head k reads h_t (dependent heads: also the tokens above it on the path) and
-    guesses token t+1+k, so the tree's root is `pending` and its depth-k nodes are head k's candidates. The deepest accepted node's hidden state feeds the next step: no
-    extra forward pass.
+    `propose` returns a tree rooted at `pending` (tokens[0] == pending, the token the base model chose last) of at
+    most `max_depth` levels, for the base model to verify at `context` tokens of context; depth 0 means a plain
+    step. `accept` is told the deepest accepted node and the verification call's outputs (the path root..node
+    is now committed), so the drafter can read the states it conditions on next.
     """
 
-    def __init__(self, backend: Backend, prefill: DecodeOutput, params: SamplingParams, stats: GenerationStats,
-                 heads, tree: Tree | TreeSchedule, guard: AcceptanceGuard | None = None) -> None:
-        self.backend, self.params, self.stats, self.heads, self.guard = backend, params, stats, heads, guard
-        self.rng = np.random.default_rng(params.seed)
-        self.logits, self.hidden = prefill.logits[-1], prefill.hidden[-1]
-        self.pending: int | None = None
-        self.schedule = tree if isinstance(tree, TreeSchedule) else TreeSchedule((), (tree,))
-        self.cut: dict[tuple[Tree, int], Tree] = {}  # trees cut to a smaller depth near max_tokens or the context end
-        stats.mode = "medusa"
-        stats.accepted_per_depth = [0] * self.schedule.depth
+    depth: int  # the deepest level it drafts: stats.accepted_per_depth has this many entries
 
-    def _tree(self, max_depth: int) -> Tree:
-        full = self.schedule.tree_at(self.backend.n_past)
+    def propose(self, pending: int, context: int, max_depth: int) -> tuple[Tree, list[int]]: ...
+
+    def accept(self, tree: Tree, tokens: list[int], node: int, out: DecodeOutput) -> None: ...
+
+
+class HeadsSession:
+    """Medusa-style heads over one hidden state: head k reads h_t of the last committed token t (dependent heads
+    also the tokens above it on the path) and guesses token t+1+k, so the tree's root is `pending` and its
+    depth-k nodes are head k's candidates. The deepest accepted node's hidden state feeds the next step: no extra
+    forward pass. The tree comes from a static tree or a calibrated schedule by context length."""
+
+    def __init__(self, heads, tree: Tree | TreeSchedule, prefill: DecodeOutput) -> None:
+        self.heads, self.hidden = heads, prefill.hidden[-1]
+        self.schedule = tree if isinstance(tree, TreeSchedule) else TreeSchedule((), (tree,))
+        self.depth = self.schedule.depth
+        self.cut: dict[tuple[Tree, int], Tree] = {}  # trees cut to a smaller depth near max_tokens or the context end
+
+    def _tree(self, context: int, max_depth: int) -> Tree:
+        full = self.schedule.tree_at(context)
         depth = max(0, min(full.depth, max_depth))
         if depth == full.depth:
             return full
         if (full, depth) not in self.cut:
             self.cut[full, depth] = build_tree(c for c in full.choices if len(c) <= depth)
         return self.cut[full, depth]
+
+    def propose(self, pending: int, context: int, max_depth: int) -> tuple[Tree, list[int]]:
+        tree = self._tree(context, max_depth)
+        if tree.depth == 0:  # a plain step: the heads have nothing to guess
+            return tree, [pending]
+        return tree, self.heads.draft(self.hidden, pending, tree)
+
+    def accept(self, tree: Tree, tokens: list[int], node: int, out: DecodeOutput) -> None:
+        self.hidden = out.hidden[node]
+
+
+class SpeculativeStepper:
+    """One speculative step: the drafter proposes a tree, the base model decodes it in one call, the longest
+    accepted path is committed (the four steps of Medusa's loop: candidates, tree decode, posterior, update).
+
+    Index convention: `pending` is the token the base model chose last (sampled from the logits of the last
+    committed token t, not yet decoded); it is the tree's root, decoded with the drafts in one call.
+    """
+
+    def __init__(self, backend: Backend, prefill: DecodeOutput, params: SamplingParams, stats: GenerationStats,
+                 drafter: DraftSession, guard: AcceptanceGuard | None = None) -> None:
+        self.backend, self.params, self.stats, self.drafter, self.guard = backend, params, stats, drafter, guard
+        self.rng = np.random.default_rng(params.seed)
+        self.logits = prefill.logits[-1]
+        self.pending: int | None = None
+        stats.mode = "medusa"
+        stats.accepted_per_depth = [0] * drafter.depth
 
     def step(self, budget: int) -> list[int]:
         if self.pending is None:  # the first token comes from the prompt's own logits
@@ -238,26 +273,24 @@ class MedusaStepper:
         context = self.backend.n_past
         room = self.backend.n_ctx - context  # positions left, the root's included
         drafting = self.guard is None or self.guard.use_tree()
-        tree = self._tree(min(budget - 1, room - 1) if drafting else 0)
+        tree, tokens = self.drafter.propose(self.pending, context, min(budget - 1, room - 1) if drafting else 0)
+        t1 = time.perf_counter()
+        self.stats.time_heads_s += t1 - t0
         if tree.depth == 0:  # a plain step, as cheap as plain decoding's own
             self.stats.guard_plain_steps += not drafting
             out = self.backend.append([self.pending])
-            t2 = time.perf_counter()
-            _, self.pending = self._verify(tree, [self.pending], out.logits)
-            self.hidden = out.hidden[-1]
-            self.stats.time_decode_s += t2 - t0
+            self.stats.time_decode_s += time.perf_counter() - t1
+            _, self.pending = self._verify(tree, tokens, out.logits)
+            self.drafter.accept(tree, tokens, 0, out)
             self._record(context, tree, 1, time.perf_counter() - t0, drafted=False)
             return [self.pending]
-        tokens = self.heads.draft(self.hidden, self.pending, tree)
-        t1 = time.perf_counter()
         out = self.backend.decode_tree(tokens, tree.parents)
         t2 = time.perf_counter()
         node, bonus = self._verify(tree, tokens, out.logits)
         t3 = time.perf_counter()
         self.backend.commit(node)
-        self.stats.time_heads_s += t1 - t0
+        self.drafter.accept(tree, tokens, node, out)
         self.stats.time_decode_s += t2 - t1 + time.perf_counter() - t3
-        self.hidden = out.hidden[node]
         for d in range(tree.depths[node]):
             self.stats.accepted_per_depth[d] += 1
         path = []
@@ -301,6 +334,14 @@ class MedusaStepper:
             if k is None:
                 return node, bonus
             node = kids[k]
+
+
+class MedusaStepper(SpeculativeStepper):
+    """A speculative stepper over heads and a static tree or calibrated schedule (HeadsSession)."""
+
+    def __init__(self, backend: Backend, prefill: DecodeOutput, params: SamplingParams, stats: GenerationStats,
+                 heads, tree: Tree | TreeSchedule, guard: AcceptanceGuard | None = None) -> None:
+        super().__init__(backend, prefill, params, stats, HeadsSession(heads, tree, prefill), guard)
 
 
 @functools.lru_cache(maxsize=64)
@@ -351,12 +392,15 @@ def generate(
     result: GenerationResult | None = None,
     *,
     heads=None,
-    tree: Tree | None = None,
+    tree: Tree | TreeSchedule | None = None,
     guard: AcceptanceGuard | None = None,
+    drafter=None,
 ) -> Iterator[str]:
     """Yield the text pieces of the completion of `prompt_tokens`; fill `result` (if given) as it goes.
 
-    With `heads` and a `tree` of depth >= 1 each step is a Medusa step; otherwise decoding is plain. A `guard`
+    With `heads` and a `tree` of depth >= 1 each step is a Medusa step; a `drafter` (whose
+    `session(prompt_tokens, prefill)` returns a DraftSession, e.g. eagle3_draft.Eagle3Drafting) drafts its own
+    trees; otherwise decoding is plain. A `guard`
     (fresh per request) turns drafting off for a while when the tree's acceptance falls below its cost.
     Closing the generator early (a client went away) stops decoding at once.
     """
@@ -365,11 +409,13 @@ def generate(
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     scanner = _StopScanner(params.stop)
     prefill = backend.prefill(prompt_tokens)
-    stepper: Stepper = (
-        MedusaStepper(backend, prefill, params, stats, heads, tree, guard)
-        if heads is not None and tree is not None and tree.depth > 0
-        else PlainStepper(backend, prefill, params, stats)
-    )
+    stepper: Stepper
+    if drafter is not None:
+        stepper = SpeculativeStepper(backend, prefill, params, stats, drafter.session(prompt_tokens, prefill), guard)
+    elif heads is not None and tree is not None and tree.depth > 0:
+        stepper = MedusaStepper(backend, prefill, params, stats, heads, tree, guard)
+    else:
+        stepper = PlainStepper(backend, prefill, params, stats)
     t0 = time.perf_counter()
     try:
         while result.finish_reason is None:

@@ -29,7 +29,6 @@ a run that was killed: the manifest is rewritten after every shard and marked co
 """
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import json
 import logging
@@ -40,8 +39,6 @@ from typing import Iterator, Sequence
 
 import numpy as np
 from tqdm import tqdm
-
-import llama_cpp  # only for the handle of libllama: llama-cpp-python has no bindings for src/llama-ext.h
 
 from .backend import EXACT_BATCH, TRASH_SEQ, Backend, BackendError, ContextLengthError
 from .data import Manifest, cache_key, future_tokens, read_shard
@@ -84,31 +81,6 @@ def check_layers(layers: Sequence[int], n_layer: int) -> tuple[int, ...]:
     return layers
 
 
-# -- llama.cpp's layer-input taps (C++ symbols of libllama) -----------------------------------------------------
-
-# src/llama-ext.h declares these in a C++ header, so libllama exports them under their Itanium-mangled names.
-_SET_NAMES = ("llama_set_embeddings_layer_inp", "_Z30llama_set_embeddings_layer_inpP13llama_contextjb")
-_GET_NAMES = ("llama_get_embeddings_layer_inp", "_Z30llama_get_embeddings_layer_inpP13llama_contextj")
-
-
-def _symbol(names: Sequence[str]):
-    lib = llama_cpp.llama_cpp._lib
-    for name in names:
-        try:
-            return getattr(lib, name)
-        except AttributeError:
-            continue
-    raise BackendError(f"{lib._name} exports none of {', '.join(names)}; this llama.cpp build cannot tap layer "
-                       "inputs (read them with the eval callback cb_eval instead)")
-
-
-def _layer_inp_functions():
-    set_fn, get_fn = _symbol(_SET_NAMES), _symbol(_GET_NAMES)
-    set_fn.argtypes, set_fn.restype = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_bool], None
-    get_fn.argtypes, get_fn.restype = [ctypes.c_void_p, ctypes.c_uint32], ctypes.POINTER(ctypes.c_float)
-    return set_fn, get_fn
-
-
 # -- extraction ---------------------------------------------------------------------------------------------------
 
 
@@ -147,37 +119,25 @@ class FeatureExtractor:
         self.layers = check_layers(layers if layers is not None else default_target_layers(backend.n_layer),
                                    backend.n_layer)
         self.width = len(self.layers) * backend.n_embd
-        self._set, self._get = _layer_inp_functions()
         self._open = False
+        self._before: tuple[int, ...] = ()
 
     def __enter__(self) -> "FeatureExtractor":
-        for lid in self.layers:
-            self._set(self.backend._ctx, lid, True)
+        self._before = self.backend.taps
+        self.backend.tap_layers(self.layers)
         self._open = True
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._open = False
         if self.backend._ctx:
-            for lid in self.layers:
-                self._set(self.backend._ctx, lid, False)
-
-    def _read(self, n_tokens: int) -> np.ndarray:
-        """[n_tokens, L * n_embd] float32 of the last decode call, layers side by side in `self.layers` order."""
-        n_embd = self.backend.n_embd
-        out = np.empty((n_tokens, self.width), dtype=np.float32)
-        for k, lid in enumerate(self.layers):
-            ptr = self._get(self.backend._ctx, lid)
-            if not ptr:
-                raise BackendError(f"llama.cpp returned no input for layer {lid}")
-            out[:, k * n_embd : (k + 1) * n_embd] = np.ctypeslib.as_array(ptr, shape=(n_tokens, n_embd))
-        return out
+            self.backend.tap_layers(self._before)
 
     def _call(self, tokens: Sequence[int], positions: Sequence[int], seqs: Sequence[tuple[int, ...]]) -> np.ndarray:
         b = self.backend
         b._fill_batch(tokens, positions, seqs)
         b._run_batch(len(tokens))
-        return self._read(len(tokens))
+        return b._read_taps(len(tokens))
 
     def extract(self, sequences: Sequence[Sequence[int]]) -> list[np.ndarray]:
         """Per sequence, [len(seq), L * n_embd] float32: row t holds the tapped layers' inputs at position t."""
