@@ -2,7 +2,9 @@
 
 Graph (vendor/llama.cpp src/models/eagle3.cpp, llama-cpp-python 0.3.36):
 - encoder: g = fc(f), f = [feature of target layer k0 | k1 | k2] at one position (3 * target_width -> width).
-  The layer ids follow llama.cpp's input convention (medusa_gguf/features.py).
+  The layer ids follow llama.cpp's input convention (medusa_gguf/features.py). With norm_before_fc (EAGLE-3.1,
+  eagle3.norm_before_fc), g = fc(rms(f) * input_norm): ONE RMSNorm over the whole concatenated row (3 * target_width),
+  eps rms_eps, weight input_norm [3 * target_width] (GGUF enc.output_norm.weight, HF input_norm.weight).
 - decoder, one layer, per row (token x, state g, position p):
     a = concat(rms(e(x)) * attn_norm, rms(g) * hidden_norm)        # [2 * width]; e = frozen target embeddings
     h = g + wo(attention(rope(wq a), rope(wk a), wv a))             # residual from the raw g
@@ -67,6 +69,7 @@ class Eagle3Config:
     head_dim: int = 0  # 0: width // n_head
     rope_theta: float = 10000.0
     rms_eps: float = 1e-5
+    norm_before_fc: bool = False  # RMSNorm the concatenated features before fc (module docstring); old files: False
     n_ctx_train: int = 4096  # written to the GGUF as context_length
     base_model_name: str = ""
     base_model_sha256: str = ""
@@ -145,6 +148,8 @@ class Eagle3Drafter(nn.Module):
         w, q, kv = c.width, c.n_head * c.head_dim, c.n_head_kv * c.head_dim
         self.register_buffer("embeddings", embeddings.detach().float(), persistent=False)  # frozen: shared, not copied
         self.register_buffer("d2t", d2t.clone())
+        if c.norm_before_fc:
+            self.input_norm = nn.Parameter(torch.ones(3 * c.target_width))  # on the concatenated features
         self.fc = nn.Linear(3 * c.target_width, w, bias=False)
         self.attn_norm = nn.Parameter(torch.ones(w))  # on the token embedding
         self.hidden_norm = nn.Parameter(torch.ones(w))  # on g (llama.cpp: attn_norm_2)
@@ -167,7 +172,9 @@ class Eagle3Drafter(nn.Module):
     # -- the two graphs --------------------------------------------------------------------------------------
 
     def fuse(self, features: torch.Tensor) -> torch.Tensor:  # [..., 3 * target_width] -> g [..., width]
-        """The encoder pass: the fc over the three concatenated target layers."""
+        """The encoder pass: the fc over the three concatenated target layers (RMS-normed first if norm_before_fc)."""
+        if self.config.norm_before_fc:
+            features = rms_norm(features, self.input_norm, self.config.rms_eps)
         return self.fc(features)
 
     def layer(self, tokens: torch.Tensor, g: torch.Tensor, positions: torch.Tensor, *,

@@ -2,12 +2,13 @@
 
 File layout (vendor/llama.cpp of llama-cpp-python 0.3.36: src/models/eagle3.cpp, src/llama-arch.cpp,
 conversion/llama.py): architecture "eagle3", one block; keys eagle3.target_layers (int32 x 3),
-eagle3.target_hidden_size, eagle3.norm_before_residual / norm_before_fc (both false here) plus the usual
-llama hyperparameters; tensors fc.weight, blk.0.{attn_norm, attn_norm_2, attn_q, attn_k, attn_v, attn_output,
-ffn_norm, ffn_gate, ffn_up, ffn_down}.weight, output_norm.weight, output.weight over the DRAFT vocabulary and
-d2t (I64, absolute target ids: the converter adds arange to HF's offsets, and ggml_set_rows scatters the draft
-logits to those rows). No token_embd: the decoder reads the target's through `ctx_other`. The tokenizer is the
-target's, copied, because the draft logits are scattered over the target vocabulary (-inf elsewhere).
+eagle3.target_hidden_size, eagle3.norm_before_residual (false here), eagle3.norm_before_fc (the config's) plus the
+usual llama hyperparameters; tensors fc.weight, enc.output_norm.weight ([3 * target width], only with norm_before_fc),
+blk.0.{attn_norm, attn_norm_2, attn_q, attn_k, attn_v, attn_output, ffn_norm, ffn_gate, ffn_up, ffn_down}.weight,
+output_norm.weight, output.weight over the DRAFT vocabulary and d2t (I64, absolute target ids: the converter adds
+arange to HF's offsets, and ggml_set_rows scatters the draft logits to those rows). No token_embd: the decoder
+reads the target's through `ctx_other`. The tokenizer is the target's, copied, because the draft logits are
+scattered over the target vocabulary (-inf elsewhere).
 
 Runtime (`LlamaEagle3`): a second llama.cpp context whose `ctx_other` is the Backend's context. As in
 common/speculative.cpp, the encoder runs through `llama_process(ENCODE)` on rows of 3 * n_embd features, and the
@@ -286,7 +287,7 @@ def export_eagle3_gguf(drafter: Eagle3Drafter, path: Path, *, target_gguf: Path,
     w.add_key_value(f"{ARCH}.target_layers", list(c.target_layers), gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.INT32)
     w.add_uint32(f"{ARCH}.target_hidden_size", c.target_width)
     w.add_bool(f"{ARCH}.norm_before_residual", False)
-    w.add_bool(f"{ARCH}.norm_before_fc", False)
+    w.add_bool(f"{ARCH}.norm_before_fc", c.norm_before_fc)
     for key, mv in meta.items():
         if key.startswith("tokenizer."):
             w.add_key_value(key, mv.value, gguf.GGUFValueType(mv.vtype),
@@ -305,6 +306,8 @@ def export_eagle3_gguf(drafter: Eagle3Drafter, path: Path, *, target_gguf: Path,
     def vector(name: str, x: torch.Tensor) -> None:
         w.add_tensor(name, x.float().numpy())
 
+    if c.norm_before_fc:
+        vector("enc.output_norm.weight", state["input_norm"])  # llama.cpp: LLM_TENSOR_ENC_OUTPUT_NORM
     matrix("fc.weight", state["fc.weight"], "f32")  # see the docstring
     vector("blk.0.attn_norm.weight", state["attn_norm"])
     vector("blk.0.attn_norm_2.weight", state["hidden_norm"])
@@ -383,6 +386,12 @@ def check_eagle3_file(path: Path, target: Backend) -> tuple[dict[str, MetaValue]
     except LayerError as exc:
         raise Eagle3FileError(f"{path}: {ARCH}.target_layers {layers} do not fit {target.model_path.name}: "
                               f"{exc}") from None
+    norm = header.tensors.get("enc.output_norm.weight")
+    if f"{ARCH}.norm_before_fc" in meta and meta[f"{ARCH}.norm_before_fc"].value and (
+            norm is None or norm.shape != (3 * tgt_width,)):
+        raise Eagle3FileError(f"{path} sets {ARCH}.norm_before_fc, so it needs enc.output_norm.weight of shape "
+                              f"({3 * tgt_width},) (3 x {ARCH}.target_hidden_size); it has "
+                              f"{'none' if norm is None else norm.shape}")
     n_vocab = len(meta["tokenizer.ggml.tokens"].value) if "tokenizer.ggml.tokens" in meta else 0
     if n_vocab != target.n_vocab:
         raise Eagle3FileError(f"{path} has a vocabulary of {n_vocab} tokens, {target.model_path.name} has "

@@ -37,6 +37,7 @@ class TrainArgs:
     k_heads: int = 5
     head_type: str = "medusa"  # "medusa", "dependent" or "eagle3"
     ttt_steps: int = 3  # eagle3: training-time test steps (the drafter unrolled on its own states)
+    norm_before_fc: bool = False  # eagle3: RMSNorm the three layers' concatenated features before fc
     mix_rank: int = 0  # dependent heads: rank of the path-mixing matrices (0: full)
     num_layers: int = 1
     hidden_dim: int = 0  # 0: half the base model's width
@@ -95,6 +96,10 @@ def build_parser(prog: str = "train_medusa.py") -> argparse.ArgumentParser:
     h.add_argument("--ttt_steps", type=int, default=d.ttt_steps,
                    help="eagle3: steps the drafter is unrolled on its own predictions, each with a loss "
                         "(default: %(default)s)")
+    h.add_argument("--norm_before_fc", action=argparse.BooleanOptionalAction, default=d.norm_before_fc,
+                   help="eagle3: RMSNorm the concatenated target features before fc (llama.cpp's "
+                        "eagle3.norm_before_fc, as EAGLE-3.1 drafters do); the target's residual stream reaches "
+                        "~25,000 on the default model (default: %(default)s)")
     h.add_argument("--mix_rank", type=int, default=d.mix_rank,
                    help="dependent heads: rank of the matrices that mix the path embeddings in (0: full rank; "
                         "a small rank means fewer bytes per draft; default: %(default)s)")

@@ -2,6 +2,8 @@
 weights files, and the errors for files that do not fit the target."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import gguf
 import numpy as np
 import pytest
@@ -39,51 +41,70 @@ def random_drafter(config: Eagle3Config, embeddings: torch.Tensor, output: torch
     with torch.no_grad():
         for name in ("attn_norm", "hidden_norm", "ffn_norm", "output_norm"):
             getattr(drafter, name).mul_(1 + 0.2 * torch.randn(config.width))
+        if config.norm_before_fc:
+            drafter.input_norm.mul_(1 + 0.2 * torch.randn(3 * config.target_width))
     return drafter.eval()
 
 
 @pytest.fixture(scope="module")
-def drafter(model_path, target):
-    return random_drafter(eagle3_config_for(model_path, draft_vocab_size=DRAFT_VOCAB), *target)
+def drafters(model_path, target):
+    """The same seeded drafter without and with norm_before_fc (the normed one adds input_norm only)."""
+    config = eagle3_config_for(model_path, draft_vocab_size=DRAFT_VOCAB)
+    return {norm: random_drafter(replace(config, norm_before_fc=norm), *target) for norm in (False, True)}
 
 
 @pytest.fixture(scope="module")
-def exported(drafter, model_path, tmp_path_factory):
+def drafter(drafters):
+    return drafters[False]
+
+
+@pytest.fixture(scope="module")
+def exported(drafters, model_path, tmp_path_factory):
     folder = tmp_path_factory.mktemp("eagle3")
     files = {}
 
-    def get(weight_type: str):
-        if weight_type not in files:
-            files[weight_type] = folder / f"drafter-{weight_type}.gguf"
-            export_eagle3_gguf(drafter, files[weight_type], target_gguf=model_path, weight_type=weight_type)
-        return files[weight_type]
+    def get(weight_type: str, norm_before_fc: bool = False):
+        key = (weight_type, norm_before_fc)
+        if key not in files:
+            files[key] = folder / f"drafter-{weight_type}{'-normed' if norm_before_fc else ''}.gguf"
+            export_eagle3_gguf(drafters[norm_before_fc], files[key], target_gguf=model_path, weight_type=weight_type)
+        return files[key]
 
     return get
 
 
-def test_exported_file_carries_the_eagle3_metadata(exported, drafter, model_path):
-    meta = read_gguf_header(exported("f32")).meta
+def test_exported_file_carries_the_eagle3_metadata(exported, model_path):
+    header = read_gguf_header(exported("f32"))
+    meta = header.meta
     assert meta["general.architecture"].value == "eagle3"
     assert meta["eagle3.target_layers"].value == [2, 15, 27]
     assert meta["eagle3.target_hidden_size"].value == 576
     assert meta["eagle3.block_count"].value == 1
     assert meta["eagle3.attention.head_count_kv"].value == 3
+    assert meta["eagle3.norm_before_fc"].value is False and "enc.output_norm.weight" not in header.tensors
+    normed = read_gguf_header(exported("f32", True))
+    assert normed.meta["eagle3.norm_before_fc"].value is True
+    assert normed.tensors["enc.output_norm.weight"].shape == (3 * 576,)
     target_meta = read_gguf_header(model_path).meta
     assert meta["tokenizer.ggml.tokens"].value == target_meta["tokenizer.ggml.tokens"].value
     assert meta["tokenizer.ggml.merges"].value == target_meta["tokenizer.ggml.merges"].value
 
 
-@pytest.mark.parametrize("weight_type", ["f32", "f16", "q8_0"])
-def test_llama_cpp_computes_what_torch_computes(weight_type, exported, drafter, backend):
+@pytest.mark.parametrize("weight_type, norm_before_fc",
+                         [("f32", False), ("f16", False), ("q8_0", False), ("f32", True), ("q8_0", True)])
+def test_llama_cpp_computes_what_torch_computes(weight_type, norm_before_fc, exported, drafters, backend):
+    drafter = drafters[norm_before_fc]
     rng = np.random.default_rng(1)
     feats = rng.standard_normal((N_ROWS, 3 * 576)).astype(np.float32)
     tokens = rng.integers(0, drafter.config.n_vocab, N_ROWS).tolist()
     positions = list(range(N_ROWS))
     tol_h, tol_l = TOLERANCE[weight_type]
-    with LlamaEagle3(exported(weight_type), backend) as e3, torch.no_grad():
+    with LlamaEagle3(exported(weight_type, norm_before_fc), backend) as e3, torch.no_grad():
         g = e3.encode(feats)
         g_t = drafter.fuse(torch.from_numpy(feats))
-        assert np.abs(g - g_t.numpy()).max() < 1e-4  # fc is f32 in every file
+        assert np.abs(g - g_t.numpy()).max() < 1e-4  # fc (and input_norm) are f32 in every file
+        if norm_before_fc:  # the norm really runs: without it g is another vector
+            assert np.abs(g - drafter.fc(torch.from_numpy(feats)).numpy()).max() > 0.1
 
         # context entries (token t+1, g_t) at positions t, from the same g on both sides
         logits, pre = e3.decode(tokens, g_t.numpy(), positions)
@@ -125,21 +146,27 @@ def test_llama_cpp_computes_what_torch_computes(weight_type, exported, drafter, 
             e3.decode(deep[:1], h1[:1], [t + 3])
         assert np.array_equal(e3.encode(feats[:4]), g[:4])  # the encoder also runs beside a filled cache
 
-    print(f"\n{weight_type}: context rows max|diff| prenorm {diff_h:.2e} logits {diff_l:.2e}, argmax agreement "
+    print(f"\n{weight_type} norm_before_fc={norm_before_fc}: context rows max|diff| prenorm {diff_h:.2e} logits {diff_l:.2e}, argmax agreement "
           f"{agree:.3f} over {N_ROWS} rows; draft steps prenorm {max(steps_h):.2e} logits {max(steps_l):.2e}")
     assert diff_h < tol_h and diff_l < tol_l
     assert max(steps_h) < tol_h and max(steps_l) < tol_l
     assert agree >= 0.9
 
 
-def test_real_features_with_massive_activations_encode_exactly(exported, drafter, backend, prompt_tokens):
+@pytest.mark.parametrize("norm_before_fc", [False, True])
+def test_real_features_with_massive_activations_encode_exactly(norm_before_fc, exported, drafters, backend,
+                                                               prompt_tokens):
     """The target's residual stream reaches ~25,000 on the default model: beyond what f16 or q8_0 activations keep,
-    which is why fc stays f32 in a q8_0 file."""
+    which is why fc stays f32 in a q8_0 file; with norm_before_fc, llama.cpp's RMSNorm over those rows too."""
+    drafter = drafters[norm_before_fc]
     feats = extract_features(backend, prompt_tokens, drafter.config.target_layers)
     assert np.abs(feats).max() > 1e4
-    with LlamaEagle3(exported("q8_0"), backend) as e3, torch.no_grad():
+    with LlamaEagle3(exported("q8_0", norm_before_fc), backend) as e3, torch.no_grad():
         g = e3.encode(feats)
-        assert np.abs(g - drafter.fuse(torch.from_numpy(feats)).numpy()).max() < 1e-3
+        g_t = drafter.fuse(torch.from_numpy(feats)).numpy()
+        assert np.abs(g - g_t).max() < 1e-3
+    print(f"\nnorm_before_fc={norm_before_fc}: max |g| {np.abs(g_t).max():.1f}, max |g - torch| "
+          f"{np.abs(g - g_t).max():.2e}")
 
 
 def test_ttt_one_step_is_the_plain_forward(drafter):
@@ -170,12 +197,15 @@ def test_ttt_steps_match_chain_drafting(drafter):
             state = h
 
 
-@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
-def test_weights_file_round_trip(suffix, drafter, target, tmp_path):
+@pytest.mark.parametrize("suffix, norm_before_fc", [(".pth", False), (".safetensors", False), (".pth", True),
+                                                    (".safetensors", True)])
+def test_weights_file_round_trip(suffix, norm_before_fc, drafters, target, tmp_path):
+    drafter = drafters[norm_before_fc]
     path = tmp_path / f"eagle3{suffix}"
     save_drafter(drafter, path)
     config, state = read_drafter_file(path)
     assert config == drafter.config and "embeddings" not in state
+    assert ("input_norm" in state) == norm_before_fc
     loaded = load_drafter(path, target[0])
     torch.manual_seed(4)
     feats, tokens = torch.randn(1, 6, 3 * 576), torch.randint(0, drafter.config.n_vocab, (1, 6))
@@ -183,6 +213,15 @@ def test_weights_file_round_trip(suffix, drafter, target, tmp_path):
         assert torch.equal(loaded.ttt_forward(feats, tokens, 2)[1], drafter.ttt_forward(feats, tokens, 2)[1])
     with pytest.raises(Eagle3Error, match="width 576"):
         load_drafter(path, torch.zeros(drafter.config.n_vocab, 64))
+
+
+def test_a_file_from_before_norm_before_fc_loads_without_it(drafter, target, tmp_path):
+    path = tmp_path / "old.pth"
+    old_config = {k: v for k, v in drafter.config.to_dict().items() if k != "norm_before_fc"}
+    torch.save({"format": "medusa-gguf-eagle3/1", "config": old_config, "state_dict": drafter.trainable_state_dict()},
+               path)
+    loaded = load_drafter(path, target[0])
+    assert loaded.config.norm_before_fc is False and loaded.config == drafter.config
 
 
 def test_weights_file_refuses_pickled_code(tmp_path):
@@ -223,6 +262,8 @@ def header_only_gguf(path, **keys):
     w.add_uint32("eagle3.target_hidden_size", keys.get("target_width", 576))
     w.add_key_value("eagle3.target_layers", list(keys.get("layers", (2, 15, 27))), gguf.GGUFValueType.ARRAY,
                     gguf.GGUFValueType.INT32)
+    if "norm_before_fc" in keys:
+        w.add_bool("eagle3.norm_before_fc", keys["norm_before_fc"])
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()  # no tensors: pads the header to the data alignment
@@ -235,6 +276,8 @@ def test_files_that_do_not_fit_the_target_are_rejected(tmp_path, backend, drafte
         LlamaEagle3(header_only_gguf(tmp_path / "w.gguf", target_width=512), backend)
     with pytest.raises(Eagle3FileError, match="layer 30 does not exist"):
         LlamaEagle3(header_only_gguf(tmp_path / "l.gguf", layers=(2, 15, 30)), backend)
+    with pytest.raises(Eagle3FileError, match=r"norm_before_fc, so it needs enc.output_norm.weight of shape \(1728,\)"):
+        LlamaEagle3(header_only_gguf(tmp_path / "n.gguf", norm_before_fc=True), backend)
     bad = Eagle3Drafter(Eagle3Config(**{**drafter.config.to_dict(), "target_layers": (2, 15, 30)}),
                         drafter.embeddings, drafter.d2t)
     with pytest.raises(Eagle3FileError, match="layer 30 does not exist"):
