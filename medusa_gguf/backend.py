@@ -494,6 +494,23 @@ class Backend:
         return DecodeOutput(logits=out.logits[-1:], hidden=out.hidden[-1:],
                             features=np.concatenate(features + [out.features]) if self.taps else None)
 
+    def decode_taps(self, tokens: Sequence[int], positions: Sequence[int],
+                    seqs: Sequence[tuple[int, ...]]) -> np.ndarray:
+        """One raw call for feature extraction, its cells left for the caller to clear: the tapped layers' inputs
+        [n, len(taps) * n_embd]. Taps are copied for every token, outputs or not, so no token asks for one and
+        llama.cpp skips the lm_head (a quarter of the default model's work per token)."""
+        if not self.taps:
+            raise BackendError("decode_taps needs layer taps on (tap_layers)")
+        self._fill_batch(tokens, positions, seqs)
+        for i in range(len(tokens)):
+            self._batch.logits[i] = False
+        lc.llama_set_embeddings(self._ctx, False)
+        try:
+            self._run_batch(len(tokens))
+        finally:
+            lc.llama_set_embeddings(self._ctx, True)
+        return self._read_taps(len(tokens))
+
     def _decode_silent(self, tokens: Sequence[int]) -> None:
         """Decode a chain onto seq 0 with no outputs: embeddings off (they force an output per token) and no token
         marked for logits, so llama.cpp skips the lm_head. The KV cells are those `append` would write."""

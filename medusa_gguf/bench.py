@@ -1,5 +1,6 @@
 """Side-by-side benchmark: plain decoding, prompt lookup, Medusa heads with a static and with the calibrated tree,
-and dependent heads with the same two trees (when dependent weights are given or shipped).
+dependent heads with the same two trees (when dependent weights are given or shipped), and an EAGLE-3 drafter's
+dynamic trees, default and calibrated (when one is given or shipped).
 
     medusa-gguf bench --prompts medusa_gguf/prompts/heldout.jsonl --max-tokens 128 --json bench.json --plot bench.png
 
@@ -22,14 +23,16 @@ from typing import Callable
 from tqdm import tqdm
 
 from .backend import PromptLookup
-from .decoding import GenerationResult, GenerationStats, SamplingParams, generate
-from .engine import SHIPPED_DEPENDENT_HEADS, SHIPPED_MEDUSA_HEADS, DraftCosts, Engine, cost_curve, plan_decoding, step_costs
+from .decoding import GenerationResult, GenerationStats, SamplingParams
+from .eagle3_gguf import is_eagle3_gguf
+from .engine import (SHIPPED_DEPENDENT_HEADS, SHIPPED_EAGLE3, SHIPPED_MEDUSA_HEADS, DraftCosts, Engine, cost_curve,
+                     plan_decoding, step_costs)
 from .settings import Settings
 from .tree import Tree, TreeSchedule, expected_tokens_per_step, interpolate_cost
 
 log = logging.getLogger(__name__)
 METHODS = ("plain", "prompt_lookup", "medusa_static", "medusa_calibrated", "medusa_dependent",
-           "medusa_dependent_calibrated")
+           "medusa_dependent_calibrated", "eagle3_static", "eagle3_calibrated")
 
 
 @dataclass
@@ -91,14 +94,22 @@ def balanced_orders(n: int) -> list[list[int]]:
 
 
 def run_bench(settings: Settings, prompts: list[dict], max_tokens: int, *, static_tree: str = "default",
-              weights: Path | None = None, dependent_weights: Path | None = None) -> dict:
+              weights: Path | None = None, dependent_weights: Path | None = None,
+              eagle3: Path | None = None) -> dict:
     """Run every method on every prompt. `weights` (the medusa_* rows) defaults to MEDUSA_WEIGHTS_PATH, else the
-    shipped Medusa-type heads; `dependent_weights` to the shipped dependent heads, if any."""
+    shipped Medusa-type heads; `dependent_weights` to the shipped dependent heads, if any; `eagle3` (the eagle3_*
+    rows) to MEDUSA_WEIGHTS_PATH if it is an EAGLE-3 .gguf, else the shipped drafter, if any."""
     engine = Engine(settings)
     backend = engine.backend
     curve = cost_curve(backend, settings)
     costs = step_costs(backend, settings)
-    if weights is None and not settings.medusa_weights_path.is_file() and SHIPPED_MEDUSA_HEADS.is_file():
+    given = settings.medusa_weights_path if settings.medusa_weights_path.is_file() else None
+    if eagle3 is None:
+        eagle3 = given if given is not None and is_eagle3_gguf(given) else (
+            SHIPPED_EAGLE3 if SHIPPED_EAGLE3.is_file() else None)
+    if given is not None and is_eagle3_gguf(given):
+        given = None
+    if weights is None and given is None and SHIPPED_MEDUSA_HEADS.is_file():
         weights = SHIPPED_MEDUSA_HEADS  # the shipped default may be dependent heads; these rows are Medusa's
     plans = {"medusa_static": plan_decoding(backend, settings, tree=static_tree, weights=weights),
              "medusa_calibrated": plan_decoding(backend, settings, tree="auto", weights=weights)}
@@ -108,6 +119,12 @@ def run_bench(settings: Settings, prompts: list[dict], max_tokens: int, *, stati
         plans["medusa_dependent_calibrated"] = plan_decoding(backend, settings, tree="auto", weights=dependent)
     else:
         log.info("no dependent heads given or shipped: the medusa_dependent methods are left out")
+    if eagle3 is not None:
+        plans["eagle3_static"] = plan_decoding(backend, settings, tree=static_tree if static_tree in (
+            "default", "wide", "chain") else "default", weights=eagle3)
+        plans["eagle3_calibrated"] = plan_decoding(backend, settings, tree="auto", weights=eagle3)
+    else:
+        log.info("no EAGLE-3 drafter given or shipped: the eagle3 methods are left out")
     lookup = PromptLookup(settings)
     params = SamplingParams(max_tokens=max_tokens)
     tokenized = [engine.chat_prompt([{"role": "user", "content": p["prompt"]}]) for p in prompts]
@@ -116,7 +133,7 @@ def run_bench(settings: Settings, prompts: list[dict], max_tokens: int, *, stati
         def go(tokens: list[int]) -> GenerationResult:
             r = GenerationResult()
             r.stats.trace = []
-            list(generate(backend, tokens, params, r, heads=plan.heads, tree=plan.tree, guard=plan.guard()))
+            list(plan.generate(backend, tokens, params, r))
             return r
         return go
 
@@ -153,6 +170,8 @@ def run_bench(settings: Settings, prompts: list[dict], max_tokens: int, *, stati
                 predictors.get(name, Predictor(None, costs, backend.n_embd)).fill(run, st.trace)
             reports[name].runs.append(run)
     lookup.close()
+    for plan in plans.values():
+        plan.close()
     engine.close()
     return summarize(reports, curve.ms, prompts, max_tokens)
 
@@ -199,9 +218,12 @@ class Predictor:
 
 def _nodes(plan) -> int:
     """The tree size a method starts with (a calibrated schedule: its tree at the shortest context)."""
-    if plan.heads is None or plan.tree is None:
-        return 1
-    return plan.calibration.tree.n_nodes if plan.calibration is not None else plan.tree.n_nodes
+    if plan.calibration is not None and plan.drafting:
+        return plan.calibration.tree.n_nodes
+    if plan.eagle3 is not None:
+        params = plan.eagle3.schedule.at(0)
+        return params.nodes if params is not None else 1
+    return plan.tree.n_nodes if plan.heads is not None and plan.tree is not None else 1
 
 
 def summarize(reports: dict[str, MethodReport], curve_ms: dict[int, float], prompts: list[dict], max_tokens: int) -> dict:

@@ -117,7 +117,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     result = run_bench(settings, read_prompts(args.prompts, args.limit), args.max_tokens, static_tree=args.static_tree,
-                       weights=args.weights, dependent_weights=args.dependent_weights)
+                       weights=args.weights, dependent_weights=args.dependent_weights, eagle3=args.eagle3)
     print(format_report(result))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -135,6 +135,23 @@ def _cmd_recipe(args: argparse.Namespace) -> int:
     shipped = run_recipe(args.output_dir, prompts=args.prompts, epochs=args.epochs, threads=args.threads or 0,
                          install=args.install, resume=args.resume, head_type=args.head_type)
     print(f"heads: {shipped}; report: {args.output_dir / 'REPORT.md'}")
+    return 0
+
+
+def _cmd_export_eagle3(args: argparse.Namespace) -> int:
+    import torch
+
+    from .eagle3 import load_drafter
+    from .eagle3_gguf import export_eagle3_gguf
+    from .models import embedding_matrix, output_matrix, resolve_model_path
+
+    model = resolve_model_path(args.model)
+    drafter = load_drafter(args.weights, torch.from_numpy(embedding_matrix(model, output_matrix(model))))
+    export_eagle3_gguf(drafter, args.output, target_gguf=model, weight_type=args.weight_type)
+    acc = drafter.config.accuracy
+    print(f"wrote {args.output} ({args.output.stat().st_size / 2**20:.1f} MiB, {args.weight_type}; target "
+          f"{model.name}; validation top-1 per step: "
+          f"{' '.join(f'{row[0]:.3f}' for row in acc) if acc else 'none recorded'})")
     return 0
 
 
@@ -196,6 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--weights", type=Path, default=None, help="heads of the medusa_* rows [MEDUSA_WEIGHTS_PATH, else the shipped Medusa-type heads]")
     bench.add_argument("--dependent-weights", type=Path, default=None,
                        help="dependent heads for the medusa_dependent methods [the shipped dependent heads, if any]")
+    bench.add_argument("--eagle3", type=Path, default=None,
+                       help="exported EAGLE-3 drafter (.gguf) for the eagle3 methods [MEDUSA_WEIGHTS_PATH if it is "
+                            "one, else the shipped drafter, if any]")
     bench.add_argument("--static-tree", default="default", help="static tree: default, wide, chain or a JSON file")
     bench.add_argument("--json", type=Path, default=None, help="write the results as JSON")
     bench.add_argument("--plot", type=Path, default=None, help="write a PNG chart")
@@ -225,6 +245,20 @@ def build_parser() -> argparse.ArgumentParser:
                        help="weight type (q4_k: llama.cpp's Q4_K_M mix)")
     _add_model_args(quant)
     quant.set_defaults(func=_cmd_quantize)
+
+    exp = sub.add_parser(
+        "export-eagle3", help="write a trained EAGLE-3 drafter (.pth / .safetensors) as a GGUF llama.cpp loads as eagle3",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="The GGUF carries the target's tokenizer, its model file's SHA-256 and the drafter's validation "
+                    "accuracies (the engine's TREE=auto sizes trees with them); serve it with MEDUSA_WEIGHTS_PATH=OUT "
+                    "or llama-server --model-draft OUT --spec-type draft-eagle3.",
+    )
+    exp.add_argument("weights", type=Path, help="drafter file written by train_medusa.py --head_type eagle3")
+    exp.add_argument("output", type=Path, help="the GGUF to write")
+    exp.add_argument("--weight-type", default="f16", choices=["f32", "f16", "q8_0"],
+                     help="matrix type (fc stays f32: the target's residual stream exceeds f16's range)")
+    _add_model_args(exp)
+    exp.set_defaults(func=_cmd_export_eagle3)
 
     from .train_args import build_parser as training_parser
 

@@ -74,9 +74,12 @@ class Eagle3Config:
     base_model_name: str = ""
     base_model_sha256: str = ""
     training_args: dict[str, Any] = field(default_factory=dict)
+    # validation: accuracy[k][r] = P(step k's rank-r guess is right | steps < k right); sizes the tree at inference
+    accuracy: tuple[tuple[float, ...], ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "target_layers", tuple(int(x) for x in self.target_layers))
+        object.__setattr__(self, "accuracy", tuple(tuple(float(a) for a in row) for row in self.accuracy))
         if not self.width:
             object.__setattr__(self, "width", self.target_width)
         if not self.head_dim:
@@ -97,6 +100,7 @@ class Eagle3Config:
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["target_layers"] = list(self.target_layers)
+        data["accuracy"] = [list(row) for row in self.accuracy]
         return data
 
     @classmethod

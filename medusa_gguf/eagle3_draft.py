@@ -17,15 +17,16 @@ child never scores above its parent.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from .backend import Backend, DecodeOutput
+from .backend import EXACT_BATCH, Backend, DecodeOutput
 from .eagle3_gguf import LlamaEagle3
-from .tree import Tree, build_tree, plain
+from .tree import Tree, TreeSchedule, build_tree, plain
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +45,61 @@ class DynamicTreeParams:
         for name in ("nodes", "depth", "width", "topk"):
             if getattr(self, name) < 1:
                 raise ValueError(f"dynamic tree {name} must be >= 1, got {getattr(self, name)}")
-        if self.nodes > 64:
-            raise ValueError(f"dynamic tree of {self.nodes} nodes: the verification call holds at most 64")
+        if self.nodes > EXACT_BATCH:
+            raise ValueError(f"dynamic tree of {self.nodes} nodes: a verification call holds at most {EXACT_BATCH}")
+
+    @classmethod
+    def like(cls, tree: Tree) -> "DynamicTreeParams | None":
+        """The dynamic shape of a calibrated static tree: its nodes and depth, its widest frontier, its deepest rank
+        (None for the root-only tree: plain steps)."""
+        if tree.depth == 0:
+            return None
+        return cls(nodes=tree.n_nodes, depth=tree.depth, width=max(frontier_widths(tree), default=1) or 1,
+                   topk=max(tree.ranks) + 1)
+
+    def describe(self) -> str:
+        return f"<= {self.nodes} nodes, depth <= {self.depth}, width {self.width}, top-{self.topk}"
+
+
+@dataclass(frozen=True)
+class DynamicSchedule:
+    """Dynamic tree shapes by context length, as tree.TreeSchedule: params[i] below bounds[i], the last beyond;
+    None means plain steps there."""
+
+    bounds: tuple[int, ...]
+    params: tuple[DynamicTreeParams | None, ...]
+
+    def at(self, context: int) -> DynamicTreeParams | None:
+        for bound, p in zip(self.bounds, self.params):
+            if context < bound:
+                return p
+        return self.params[-1]
+
+    @property
+    def depth(self) -> int:
+        return max((p.depth for p in self.params if p is not None), default=0)
+
+    @property
+    def width(self) -> int:
+        return max((p.width for p in self.params if p is not None), default=1)
+
+    @classmethod
+    def of(cls, params: DynamicTreeParams) -> "DynamicSchedule":
+        return cls((), (params,))
+
+    @classmethod
+    def like(cls, schedule: TreeSchedule) -> "DynamicSchedule":
+        return cls(schedule.bounds, tuple(DynamicTreeParams.like(t) for t in schedule.trees))
+
+
+def frontier_widths(tree: Tree) -> list[int]:
+    """Per level 1..depth-1, how many of its nodes have children: the rows of that level's drafter call."""
+    widths = [set() for _ in range(tree.depth)]
+    for i in range(1, tree.n_nodes):
+        parent = tree.parents[i]
+        if parent > 0:
+            widths[tree.depths[parent]].add(parent)
+    return [len(w) for w in widths[1:]]
 
 
 def _log_softmax(logits: np.ndarray) -> np.ndarray:  # [n, V] -> [n, V]
@@ -61,24 +115,74 @@ def _topk(row: np.ndarray, k: int) -> np.ndarray:  # indices of the k largest, l
 
 class Eagle3Drafting:
     """One drafter per engine (the target Backend's companion): it taps the target's three layers and hands each
-    request a session. Close it before the Backend."""
+    request a session. `schedule` (set before the first request; the calibration measures the drafter first) gives
+    the tree shape by context length. Close it before the Backend."""
 
-    def __init__(self, backend: Backend, path: Path, params: DynamicTreeParams = DynamicTreeParams()) -> None:
-        self.backend, self.params = backend, params
+    def __init__(self, backend: Backend, path: Path, schedule: DynamicSchedule | None = None, *,
+                 max_width: int = 8) -> None:
+        self.backend, self.path = backend, Path(path)
+        self.max_width = max(max_width, schedule.width if schedule else 1)
+        self.schedule = schedule
         # cells: the committed text (at most the target's window) plus the drafts of one proposal
-        self.runtime = LlamaEagle3(path, backend, n_ctx=backend.n_ctx + params.depth * params.width + 8,
-                                   n_seq_max=1 + 2 * params.width)
+        self.runtime = LlamaEagle3(path, backend, n_ctx=backend.n_ctx + 2 * EXACT_BATCH,
+                                   n_seq_max=1 + 2 * self.max_width)
         backend.tap_layers(self.runtime.target_layers)
-        self.depth = params.depth
-        log.info("EAGLE-3 drafting with %s: dynamic trees of <= %d nodes, depth <= %d, width %d, top-%d",
-                 path, params.nodes, params.depth, params.width, params.topk)
+
+    @property
+    def depth(self) -> int:
+        return self.schedule.depth if self.schedule is not None else 0
 
     def session(self, prompt_tokens: Sequence[int], prefill: DecodeOutput) -> "Eagle3Session":
+        if self.schedule is None:
+            raise RuntimeError("Eagle3Drafting needs a schedule before its first request")
         return Eagle3Session(self, prompt_tokens, prefill)
 
+    def measure_costs(self, *, context: int = 128, repeats: int = 7, flush_mb: int = 64) -> dict[int, float]:
+        """Median milliseconds of the drafter's calls, as a step makes them: {0: a catch-up (encode and decode two
+        entries), w: one level's call over w frontier rows, for w = 1..max_width}. In the loop every drafter call
+        follows a target decode that evicts its weights from the caches, so each timed call follows a read of
+        `flush_mb` MB. Leaves the drafter's cache empty."""
+        rt, rng = self.runtime, np.random.default_rng(0)
+        flush = np.ones(flush_mb * 2**20 // 8)
+        feats = rng.standard_normal((context + 2, rt.n_embd_enc)).astype(np.float32)
+        tokens = rng.integers(0, rt.n_vocab, context + 2).tolist()
+
+        def timed(fn) -> float:
+            fn()  # first-call work
+            times = []
+            for _ in range(repeats):
+                flush.sum()
+                t0 = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t0)
+            return float(np.median(times) * 1e3)
+
+        rt.clear()
+        rt.decode(tokens[:context], rt.encode(feats[:context]), range(context), outputs=[False] * context)
+        pre = np.zeros((self.max_width, rt.n_embd), np.float32)
+
+        def catch_up() -> None:
+            rt.seq_rm(0, context)
+            rt.decode(tokens[context:], rt.encode(feats[context:]), [context, context + 1], outputs=[False, True])
+
+        def level(w: int):
+            def run() -> None:
+                for s in range(1, w + 1):
+                    rt.seq_rm(s)
+                    rt.seq_cp(0, s)
+                rt.decode(tokens[:w], pre[:w], [context + 2] * w, seq_ids=list(range(1, w + 1)))
+                for s in range(1, w + 1):
+                    rt.seq_rm(s)
+            return run
+
+        ms = {0: timed(catch_up)}
+        ms.update({w: timed(level(w)) for w in range(1, self.max_width + 1)})
+        rt.clear()
+        log.info("EAGLE-3 drafter call costs (ms): catch-up %.2f; one level by frontier width %s", ms[0],
+                 ", ".join(f"{w}: {ms[w]:.2f}" for w in range(1, self.max_width + 1)))
+        return ms
+
     def close(self) -> None:
-        if self.backend._ctx:
-            self.backend.tap_layers(())
         self.runtime.close()
 
 
@@ -89,7 +193,7 @@ class Eagle3Session:
         if prefill.features is None or len(prefill.features) != len(prompt_tokens):
             raise ValueError("the prefill carries no layer features for every prompt token; the Backend's layer "
                              "taps must be on (Eagle3Drafting turns them on)")
-        self.rt, self.params, self.depth = drafting.runtime, drafting.params, drafting.depth
+        self.rt, self.schedule, self.depth = drafting.runtime, drafting.schedule, drafting.depth
         self.rt.clear()
         self.tokens = list(prompt_tokens)  # committed x_0..x_t
         self.fed = 0  # entries 0..fed-1 are in the drafter's seq 0
@@ -100,11 +204,12 @@ class Eagle3Session:
     def propose(self, pending: int, context: int, max_depth: int) -> tuple[Tree, list[int]]:
         if context != len(self.tokens):
             raise RuntimeError(f"the drafter follows {len(self.tokens)} committed tokens, the target holds {context}")
-        depth = min(self.params.depth, max_depth)
+        params = self.schedule.at(context)
+        depth = min(params.depth, max_depth) if params is not None else 0
         if depth <= 0:
             return plain(), [pending]
         root_logits, h_root = self._catch_up(pending)
-        return self._grow(pending, root_logits, h_root, depth)
+        return self._grow(pending, root_logits, h_root, params, depth)
 
     def accept(self, tree: Tree, tokens: list[int], node: int, out: DecodeOutput) -> None:
         path = [node]
@@ -134,8 +239,9 @@ class Eagle3Session:
         self.unfed = []
         return logits[0], pre[0]
 
-    def _grow(self, pending: int, root_logits: np.ndarray, h_root: np.ndarray, depth: int) -> tuple[Tree, list[int]]:
-        p, rt = self.params, self.rt
+    def _grow(self, pending: int, root_logits: np.ndarray, h_root: np.ndarray, p: DynamicTreeParams,
+              depth: int) -> tuple[Tree, list[int]]:
+        rt = self.rt
         t = len(self.tokens) - 1
         # node arrays: draft id, parent node, depth, cumulative log-probability; node 0 is the root
         ids, parents, depths, scores = [-1], [-1], [0], [0.0]
@@ -175,12 +281,12 @@ class Eagle3Session:
                 children += offer(f, logp[i])
         for s in banks[0] + banks[1]:
             rt.seq_rm(s)
-        return self._select(pending, ids, parents, depths, scores)
+        return self._select(pending, ids, parents, depths, scores, p.nodes)
 
-    def _select(self, pending: int, ids: list[int], parents: list[int], depths: list[int],
-                scores: list[float]) -> tuple[Tree, list[int]]:
+    def _select(self, pending: int, ids: list[int], parents: list[int], depths: list[int], scores: list[float],
+                nodes: int) -> tuple[Tree, list[int]]:
         """The best `nodes` nodes as a Tree (ranks: order among kept siblings by score) and their target ids."""
-        keep = sorted(range(1, len(ids)), key=lambda n: (-scores[n], depths[n]))[: self.params.nodes - 1]
+        keep = sorted(range(1, len(ids)), key=lambda n: (-scores[n], depths[n]))[: nodes - 1]
         kept = set(keep)
         rank_of, taken = {}, {}
         for n in keep:  # best first, so a node's rank is its place among its kept siblings

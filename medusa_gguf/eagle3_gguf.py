@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 
 ARCH = "eagle3"
 WEIGHT_TYPES = ("f32", "f16", "q8_0")
+KEY_SHA, KEY_ACCURACY, KEY_RANKS = "medusa_gguf.base_model_sha256", "medusa_gguf.accuracy", "medusa_gguf.accuracy_ranks"
 
 
 class Eagle3FileError(BackendError, ValueError):
@@ -288,6 +289,13 @@ def export_eagle3_gguf(drafter: Eagle3Drafter, path: Path, *, target_gguf: Path,
     w.add_uint32(f"{ARCH}.target_hidden_size", c.target_width)
     w.add_bool(f"{ARCH}.norm_before_residual", False)
     w.add_bool(f"{ARCH}.norm_before_fc", c.norm_before_fc)
+    # this project's keys (llama.cpp ignores them): the model file it was trained on, and its validation accuracies
+    if c.base_model_sha256:
+        w.add_string(KEY_SHA, c.base_model_sha256)
+    if c.accuracy:
+        w.add_uint32(KEY_RANKS, len(c.accuracy[0]))
+        w.add_key_value(KEY_ACCURACY, [float(a) for row in c.accuracy for a in row], gguf.GGUFValueType.ARRAY,
+                        gguf.GGUFValueType.FLOAT32)
     for key, mv in meta.items():
         if key.startswith("tokenizer."):
             w.add_key_value(key, mv.value, gguf.GGUFValueType(mv.vtype),
@@ -354,6 +362,30 @@ def _nextn_functions():
     set_fn.argtypes, set_fn.restype = [ctypes.c_void_p, ctypes.c_bool, ctypes.c_bool], None
     get_fn.argtypes, get_fn.restype = [ctypes.c_void_p], ctypes.POINTER(ctypes.c_float)
     return set_fn, get_fn
+
+
+def is_eagle3_gguf(path: Path) -> bool:
+    """Whether `path` is a GGUF file of the eagle3 architecture (False for any other file, readable or not)."""
+    try:
+        with open(path, "rb") as f:
+            if f.read(4) != b"GGUF":
+                return False
+        meta = read_gguf_header(Path(path)).meta
+    except (OSError, ValueError, ModelFileError):
+        return False
+    return "general.architecture" in meta and meta["general.architecture"].value == ARCH
+
+
+def drafter_info(meta: dict[str, MetaValue]) -> tuple[str, list[list[float]]]:
+    """(SHA-256 of the model file it was trained on or "", validation accuracy[step][rank] or []) of an exported
+    drafter's metadata."""
+    sha = str(meta[KEY_SHA].value) if KEY_SHA in meta else ""
+    if KEY_ACCURACY not in meta or KEY_RANKS not in meta:
+        return sha, []
+    flat, ranks = [float(a) for a in meta[KEY_ACCURACY].value], int(meta[KEY_RANKS].value)
+    if ranks < 1 or len(flat) % ranks:
+        raise Eagle3FileError(f"{KEY_ACCURACY} holds {len(flat)} values, not a multiple of {KEY_RANKS}={ranks}")
+    return sha, [flat[i : i + ranks] for i in range(0, len(flat), ranks)]
 
 
 def check_eagle3_file(path: Path, target: Backend) -> tuple[dict[str, MetaValue], np.ndarray | None]:

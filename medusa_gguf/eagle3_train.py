@@ -81,8 +81,12 @@ def sequence_batches(paths: list[Path], first_rows: list[int], batch_size: int, 
         base += n
 
 
+OOV = -2  # step_targets: a target the draft vocabulary lacks
+
+
 def step_targets(batch: dict[str, torch.Tensor], full_to_draft: torch.Tensor, steps: int) -> torch.Tensor:
-    """Draft-vocabulary targets [steps, B, T], -1 where a row does not count at that step.
+    """Draft-vocabulary targets [steps, B, T]: -1 where a row does not count at that step, OOV (-2) where it counts
+    but its target lies outside the draft vocabulary (no loss; a miss in validation).
 
     Step k at row t reads token t+1+k (future[:, t, k], real only inside the sequence) and predicts token t+k+2
     (future[:, t, k+1]); the row must be an answer row."""
@@ -95,7 +99,8 @@ def step_targets(batch: dict[str, torch.Tensor], full_to_draft: torch.Tensor, st
         inside = torch.arange(T) + 1 + k < batch["valid"].sum(1, keepdim=True)
         ok = (tgt >= 0) & inside & batch["answer"]
         mapped = full_to_draft[tgt.clamp(min=0)]
-        out.append(torch.where(ok, mapped, torch.full_like(mapped, -1)))
+        out.append(torch.where(ok, torch.where(mapped >= 0, mapped, torch.full_like(mapped, OOV)),
+                               torch.full_like(mapped, -1)))
     return torch.stack(out)
 
 
@@ -104,7 +109,7 @@ def ttt_loss(logits: list[torch.Tensor], targets: torch.Tensor, decay: float) ->
     total = torch.zeros(())
     per_step = []
     for k, lg in enumerate(logits):
-        tgt = targets[k]
+        tgt = targets[k].clamp(min=-1)  # OOV rows carry no loss
         if (tgt >= 0).any():
             ce = F.cross_entropy(lg.reshape(-1, lg.shape[-1]).float(), tgt.reshape(-1), ignore_index=-1)
         else:
@@ -116,24 +121,32 @@ def ttt_loss(logits: list[torch.Tensor], targets: torch.Tensor, decay: float) ->
 
 @torch.no_grad()
 def evaluate(drafter, paths: list[Path], first_rows: list[int], steps: int, decay: float, batch_size: int,
-             full_to_draft: torch.Tensor) -> dict[str, Any]:
-    """Validation loss, per-step top-1 (conditional on the earlier steps being right) and the chain's tau."""
+             full_to_draft: torch.Tensor, ranks: int = 8) -> dict[str, Any]:
+    """Validation loss, per-step top-1, the chain's tau, and the rank accuracies that size the tree at inference:
+    rank_accuracy[k][r], the share of rows whose steps before k were right where step k's rank-r guess is."""
     drafter.eval()
     losses, rows = [], 0
     right_chain = torch.zeros(steps)
     top1 = torch.zeros(steps)
     counted = torch.zeros(steps)
+    at_rank = torch.zeros(steps, ranks)  # rows whose target is step k's rank-r guess, the earlier steps right
+    reached = torch.zeros(steps)  # rows whose earlier steps were right
     for batch in sequence_batches(paths, first_rows, batch_size, 0, 0, shuffle=False):
         targets = step_targets(batch, full_to_draft, steps)
         logits = drafter.ttt_forward(batch["features"], batch["tokens"], steps)
         loss, _ = ttt_loss(logits, targets, decay)
         losses.append(float(loss))
-        base = targets[0] >= 0  # rows where the first draft counts: the chain's starting points
+        base = targets[0] != -1  # rows where the first draft counts: the chain's starting points
         chain = base.clone()
         for k in range(steps):
-            hit = (logits[k].argmax(-1) == targets[k]) & (targets[k] >= 0)
-            top1[k] += float(hit[targets[k] >= 0].sum())
-            counted[k] += float((targets[k] >= 0).sum())
+            valid = targets[k] != -1  # OOV targets count, as misses
+            hit = (logits[k].argmax(-1) == targets[k]) & valid
+            top1[k] += float(hit[valid].sum())
+            counted[k] += float(valid.sum())
+            live = chain & valid
+            top = logits[k].topk(ranks, dim=-1).indices  # [..., ranks]
+            at_rank[k] += (top[live] == targets[k][live][:, None]).float().sum(0)
+            reached[k] += float(live.sum())
             chain &= hit
             right_chain[k] += float(chain[base].sum())
         rows += int(base.sum())
@@ -142,7 +155,8 @@ def evaluate(drafter, paths: list[Path], first_rows: list[int], steps: int, deca
     accept = (right_chain / rows).tolist()
     return {"val_loss": float(np.mean(losses)) if losses else float("nan"),
             "top1": (top1 / counted.clamp(min=1)).tolist(), "chain_accept": accept,
-            "val_tau_chain": 1.0 + float(sum(accept)), "val_rows": rows}
+            "val_tau_chain": 1.0 + float(sum(accept)), "val_rows": rows,
+            "rank_accuracy": (at_rank / reached.clamp(min=1)[:, None]).tolist()}
 
 
 @torch.no_grad()
@@ -295,6 +309,7 @@ def train_eagle3(args: TrainArgs) -> Path:
         bar.close()
         start_micro = 0
         ev = evaluate(drafter, val_paths, val_first, args.ttt_steps, args.loss_decay, args.batch_size, full_to_draft)
+        drafter.config = replace(drafter.config, accuracy=ev["rank_accuracy"])
         log_metrics({"step": step, "epoch": epoch + 1, **ev, "val_acceptance": ev["val_tau_chain"]})
         log.info("epoch %d: val loss %.3f, top-1 per step %s, chain tau (%d drafts) %.3f", epoch + 1, ev["val_loss"],
                  " ".join(f"{x:.3f}" for x in ev["top1"]), args.ttt_steps, ev["val_tau_chain"])

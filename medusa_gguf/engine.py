@@ -1,28 +1,32 @@
-"""The engine: one backend (model + context) plus, when they fit, Medusa heads and the tree they use.
+"""The engine: one backend (model + context) plus, when they fit, a drafter (Medusa or dependent heads, or an
+EAGLE-3 drafter) and the trees it drafts.
 
 Callers (CLI, server, benchmark) build an Engine from Settings and call `generate`. An Engine is not
 thread-safe; the server keeps one per parallel slot.
 
 Choosing how to decode, in order:
 1. TREE=plain: plain decoding.
-2. Weights at MEDUSA_WEIGHTS_PATH if that file exists (a mismatch with the model is an error, not a fallback);
-   else the heads shipped inside the package, if they were trained for this exact model file (same SHA-256);
-   else plain decoding. The file says its head type (Medusa or dependent); both decode through the same code.
-3. The tree: TREE=auto calibrates one per context length from the heads' recorded accuracies, this machine's
-   measured step cost model (`costs.StepCosts`, cached under a key of everything it depends on) and the heads'
-   measured drafting cost per tree; where no tree is predicted to be faster, that context length decodes plainly,
-   and with no tree anywhere the engine decodes plainly and says why. Inside each request an acceptance guard
-   then decodes plainly for a while whenever the tree steps' tokens per second fall below plain steps'
-   (decoding.AcceptanceGuard). TREE=chain uses the top-1 chain, TREE=default
-   and TREE=wide the static trees of `tree.py`, and TREE=PATH loads choices from a JSON file. The tree is cut to
-   MAX_TOKENS_PER_STEP - 1 levels.
+2. The drafter: the weights at MEDUSA_WEIGHTS_PATH if that file exists: heads (.pth / .safetensors, Medusa or
+   dependent) or an exported EAGLE-3 drafter (.gguf of architecture eagle3); a mismatch with the model is an error,
+   not a fallback. Else the drafters shipped inside the package that were trained for this exact model file (same
+   SHA-256), as DRAFTER allows (auto, heads, eagle3): with both and TREE=auto, the one whose calibration predicts
+   more tokens per second; with a static tree, the heads. Else plain decoding.
+3. The tree: TREE=auto calibrates one per context length from the drafter's recorded accuracies, this machine's
+   measured step cost model (`costs.StepCosts`, cached under a key of everything it depends on) and the drafter's
+   measured drafting cost (heads: per tree; EAGLE-3: per call, one call per level); where no tree is predicted to
+   be faster, that context length decodes plainly, and with no tree anywhere the engine decodes plainly and says
+   why. An EAGLE-3 drafter grows a dynamic tree of the calibrated size each step (eagle3_draft.py). Inside each
+   request an acceptance guard then decodes plainly for a while whenever the tree steps' tokens per second fall
+   below plain steps' (decoding.AcceptanceGuard). TREE=chain uses the top-1 chain, TREE=default and TREE=wide the
+   static trees of `tree.py` (EAGLE-3: dynamic trees of 16 and 48 nodes), and TREE=PATH loads choices from a JSON
+   file (heads only). Trees are cut to MAX_TOKENS_PER_STEP - 1 levels.
 """
 from __future__ import annotations
 
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -31,6 +35,8 @@ import numpy as np
 from .backend import EXACT_BATCH, Backend
 from .costs import CostCurve, StepCosts, cost_key, measure_step_costs, save_json
 from .decoding import AcceptanceGuard, GenerationResult, SamplingParams, generate
+from .eagle3_draft import DynamicSchedule, DynamicTreeParams, Eagle3Drafting, frontier_widths
+from .eagle3_gguf import drafter_info, is_eagle3_gguf, read_gguf_header
 from .exactness import check_exactness
 from .models import file_sha256, user_cache_dir
 from .settings import Settings
@@ -43,28 +49,50 @@ ASSETS = Path(__file__).parent / "assets"
 SHIPPED = {t: ASSETS / f"smollm2-135m-instruct-q4_1.{t}.pth" for t in ("medusa", "dependent")}  # per head type
 SHIPPED_MEDUSA_HEADS, SHIPPED_DEPENDENT_HEADS = SHIPPED["medusa"], SHIPPED["dependent"]
 SHIPPED_HEADS = SHIPPED_DEPENDENT_HEADS  # used when MEDUSA_WEIGHTS_PATH is absent; the README says why this type
+SHIPPED_EAGLE3 = ASSETS / "smollm2-135m-instruct-q4_1.eagle3.gguf"  # an exported EAGLE-3 drafter, bound by SHA-256
 CALIBRATION_SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 63)
 NAMED_TREES = {"default": DEFAULT_CHOICES, "wide": WIDE_CHOICES}
 
 
 @dataclass(frozen=True)
 class DecodingPlan:
-    heads: object | None  # MedusaHeads, or None for plain decoding
-    tree: Tree | TreeSchedule | None  # TREE=auto: a schedule, the calibrated tree by context length
+    heads: object | None  # MedusaHeads (drafting with a static tree or schedule), or None
+    tree: Tree | TreeSchedule | None  # the heads' tree; TREE=auto: a schedule, the calibrated tree by context length
     reason: str  # why this plan: printed in logs and returned in every response's stats
     weights_path: Path | None = None
     calibration: Calibration | None = None  # TREE=auto: the calibration at the shortest measured context
     calibrations: tuple[tuple[int, Calibration], ...] = ()  # TREE=auto: (context length, calibration) each
     costs: StepCosts | None = None  # TREE=auto: the cost model the calibration used
     drafts: DraftCosts | None = None  # TREE=auto: the heads' drafting times it measured, per tree
+    label: str = ""  # the drafter, in words
+    eagle3: Eagle3Drafting | None = None  # an EAGLE-3 drafter growing its own trees, instead of heads
+
+    @property
+    def drafting(self) -> bool:
+        return self.heads is not None or self.eagle3 is not None
+
+    @property
+    def predicted_speedup(self) -> float:
+        """The calibration's prediction at the shortest context (1.0 without one)."""
+        return self.calibration.predicted_speedup if self.calibration is not None else 1.0
 
     def guard(self) -> AcceptanceGuard | None:
         """A fresh acceptance guard for one request when the tree was calibrated (TREE=auto); a static tree
         is used as asked."""
-        if self.heads is None or self.costs is None or not self.calibrations:
+        if not self.drafting or self.costs is None or not self.calibrations:
             return None
         costs = self.costs
         return AcceptanceGuard(lambda context: costs.plain(context) / 1e3)
+
+    def generate(self, backend: Backend, prompt_tokens: Sequence[int], params: SamplingParams,
+                 result: GenerationResult) -> Iterator[str]:
+        """decoding.generate with this plan's drafter, tree and a fresh guard."""
+        return generate(backend, prompt_tokens, params, result, heads=self.heads, tree=self.tree,
+                        guard=self.guard(), drafter=self.eagle3)
+
+    def close(self) -> None:
+        if self.eagle3 is not None:
+            self.eagle3.close()
 
 
 class Engine:
@@ -76,7 +104,7 @@ class Engine:
         log.info("decoding: %s", self.plan.reason)
         # Greedy Medusa output equals plain decoding only where llama.cpp's outputs do not depend on the batch:
         # measured here, at start, rather than assumed (another backend, weight type or build may differ).
-        self.exactness = check_exactness(self.backend) if self.plan.heads is not None else None
+        self.exactness = check_exactness(self.backend) if self.plan.drafting else None
         if self.exactness is not None:
             (log.info if self.exactness.exact else log.warning)("%s", self.exactness.summary)
 
@@ -90,11 +118,11 @@ class Engine:
 
     @property
     def decoding_mode(self) -> str:
-        return "medusa" if self.plan.heads is not None else "plain"
+        return "medusa" if self.plan.drafting else "plain"
 
     @property
     def plain_reason(self) -> str | None:
-        return None if self.plan.heads is not None else self.plan.reason
+        return None if self.plan.drafting else self.plan.reason
 
     def tokenize(self, text: str) -> list[int]:
         return self.backend.tokenize(text)
@@ -109,59 +137,83 @@ class Engine:
     ) -> Iterator[str]:
         """Stream the completion's text pieces; `result` receives tokens, finish_reason and stats."""
         result = result if result is not None else GenerationResult()
-        if plain or self.plan.heads is None:
+        if plain or not self.plan.drafting:
             result.stats.reason = "plain decoding requested" if plain else self.plan.reason
             return generate(self.backend, prompt_tokens, params, result)
         result.stats.reason = self.plan.reason
         result.stats.exact = self.exactness.exact if self.exactness is not None else None
-        return generate(self.backend, prompt_tokens, params, result, heads=self.plan.heads, tree=self.plan.tree,
-                        guard=self.plan.guard())
+        return self.plan.generate(self.backend, prompt_tokens, params, result)
 
     def close(self) -> None:
+        self.plan.close()
         self.backend.close()
 
 
 def plan_decoding(backend: Backend, settings: Settings, *, tree: str | None = None,
-                  weights: Path | None = None) -> DecodingPlan:
-    """Decide heads and tree for this backend (see the module docstring)."""
-    tree_setting = tree or settings.tree
+                  weights: Path | None = None, drafter: str | None = None) -> DecodingPlan:
+    """Decide the drafter and tree for this backend (see the module docstring)."""
+    tree_setting, kind = tree or settings.tree, drafter or settings.drafter
     if tree_setting == "plain":
-        return DecodingPlan(None, None, "plain decoding: Medusa heads disabled (TREE=plain)")
+        return DecodingPlan(None, None, "plain decoding: drafting disabled (TREE=plain)")
+    if settings.max_tokens_per_step < 2:
+        return DecodingPlan(None, None, "plain decoding: MAX_TOKENS_PER_STEP=1 leaves no room for drafts")
     path = weights or settings.medusa_weights_path
-    if not path.is_file():
-        shipped = SHIPPED_HEADS if SHIPPED_HEADS.is_file() else None
-        if shipped is None:
-            return DecodingPlan(None, None, f"plain decoding: no Medusa weights at {path}")
+    if path.is_file():
+        if is_eagle3_gguf(path):
+            return _plan_eagle3(backend, settings, path, tree_setting)
+        return _plan_heads(backend, settings, path, tree_setting)
+    sha = file_sha256(backend.model_path)
+    shipped, why_not = {}, []
+    if kind in ("auto", "heads") and SHIPPED_HEADS.is_file():
         from .heads import read_heads_file
 
-        config, _ = read_heads_file(shipped)
-        if config.base_model_sha256 != file_sha256(backend.model_path):
-            return DecodingPlan(None, None, f"plain decoding: no Medusa weights at {path}, and the shipped heads "
-                                f"were trained for {config.base_model_name}, not this model file")
-        path = shipped
+        config = read_heads_file(SHIPPED_HEADS)[0]
+        if config.base_model_sha256 == sha:
+            shipped["heads"] = SHIPPED_HEADS
+        else:
+            why_not.append(f"the shipped heads were trained for {config.base_model_name}, not this model file")
+    if kind in ("auto", "eagle3") and SHIPPED_EAGLE3.is_file():
+        if drafter_info(read_gguf_header(SHIPPED_EAGLE3).meta)[0] == sha:
+            shipped["eagle3"] = SHIPPED_EAGLE3
+        else:
+            why_not.append("the shipped EAGLE-3 drafter was trained for another model file")
+    if not shipped:
+        return DecodingPlan(None, None, f"plain decoding: no drafter weights at {path}"
+                            + "".join(f", and {w}" for w in why_not) + f" (DRAFTER={kind})")
+    if len(shipped) == 1 or tree_setting != "auto":  # static trees are head rank paths: heads first
+        name = "heads" if "heads" in shipped else "eagle3"
+        plan = (_plan_heads if name == "heads" else _plan_eagle3)(backend, settings, shipped[name], tree_setting)
+        return plan
+    heads = _plan_heads(backend, settings, shipped["heads"], tree_setting)
+    eagle3 = _plan_eagle3(backend, settings, shipped["eagle3"], tree_setting)
+    best, other = sorted((heads, eagle3), key=lambda p: -p.predicted_speedup)
+    other.close()
+    return replace(best, reason=f"{best.reason} (TREE=auto chose it: predicted {best.predicted_speedup:.2f}x "
+                                f"against {other.predicted_speedup:.2f}x for {other.label})")
+
+
+def _plan_heads(backend: Backend, settings: Settings, path: Path, tree_setting: str) -> DecodingPlan:
     heads = load_heads_for(backend, path)
     label = f"{heads.config.head_type} heads {path.name}"
     max_depth = min(heads.config.k_heads, settings.max_tokens_per_step - 1)
-    if max_depth < 1:
-        return DecodingPlan(None, None, "plain decoding: MAX_TOKENS_PER_STEP=1 leaves no room for drafts")
     if tree_setting == "chain":
         t = chain(max_depth)
-        return DecodingPlan(heads, t, f"{label} with a top-1 chain of depth {t.depth}", path)
+        return DecodingPlan(heads, t, f"{label} with a top-1 chain of depth {t.depth}", path, label=label)
     if tree_setting in NAMED_TREES:
         t = build_tree(c for c in NAMED_TREES[tree_setting] if len(c) <= max_depth)
         return DecodingPlan(heads, t, f"{label} with the static {tree_setting} tree "
-                            f"({t.n_nodes} nodes, depth {t.depth})", path)
+                            f"({t.n_nodes} nodes, depth {t.depth})", path, label=label)
     if tree_setting != "auto":
         t = load_choices(tree_setting)
         if t.depth > heads.config.k_heads:
             raise ValueError(f"tree {tree_setting} is {t.depth} deep but {path} has {heads.config.k_heads} heads")
         t = build_tree(c for c in t.choices if len(c) <= max_depth)
         return DecodingPlan(heads, t, f"{label} with the tree from {tree_setting} "
-                            f"({t.n_nodes} nodes, depth {t.depth})", path)
+                            f"({t.n_nodes} nodes, depth {t.depth})", path, label=label)
     if not heads.config.accuracy:
         t = chain(min(max_depth, 2))
         return DecodingPlan(heads, t, f"{label} carry no accuracies to calibrate with; "
-                            f"using a top-1 chain of depth {t.depth}", path)
+                            f"using a top-1 chain of depth {t.depth}", path, label=label)
     costs = step_costs(backend, settings)
     drafts = DraftCosts(heads, backend.n_embd)
     accuracy = [row for row in heads.config.accuracy[:max_depth]]
@@ -172,9 +224,69 @@ def plan_decoding(backend: Backend, settings: Settings, *, tree: str | None = No
     where = "; ".join(f"at {c} tokens of context {_verdict(cal)}" for c, cal in cals)
     if schedule.depth == 0:
         return DecodingPlan(None, None, f"plain decoding: no tree beats plain decoding on this machine "
-                            f"({where}; {heads.config.head_type} heads {path.name})", path, cals[0][1], cals, costs)
+                            f"({where}; {label})", path, cals[0][1], cals, costs, label=label)
     return DecodingPlan(heads, schedule, f"{label}, calibrated by context length: {where}", path, cals[0][1], cals,
-                        costs, drafts)
+                        costs, drafts, label=label)
+
+
+def _plan_eagle3(backend: Backend, settings: Settings, path: Path, tree_setting: str) -> DecodingPlan:
+    """EAGLE-3 dynamic trees: TREE=default / wide / chain name fixed shapes; TREE=auto sizes them (nodes, depth,
+    width, top-k) from the drafter's validation accuracies, this machine's step costs and the drafter's measured
+    cost per level, per context length."""
+    max_depth = settings.max_tokens_per_step - 1
+    sha, accuracy = drafter_info(read_gguf_header(path).meta)
+    label = f"EAGLE-3 drafter {path.name}"
+    if sha and sha != file_sha256(backend.model_path):
+        log.warning("%s was trained on another model file (SHA-256 %s...), not %s: it fits its shape, but expect "
+                    "fewer accepted drafts", path, sha[:12], backend.model_path.name)
+    named = {"default": DynamicTreeParams(depth=min(6, max_depth)),
+             "wide": DynamicTreeParams(nodes=48, depth=min(6, max_depth), width=8, topk=8),
+             "chain": DynamicTreeParams(nodes=max_depth + 1, depth=max_depth, width=1, topk=1)}
+    if tree_setting in named:
+        p = named[tree_setting]
+        drafting = Eagle3Drafting(backend, path, DynamicSchedule.of(p))
+        return DecodingPlan(None, None, f"{label} with {tree_setting} dynamic trees ({p.describe()})", path,
+                            label=label, eagle3=drafting)
+    if tree_setting != "auto":
+        raise ValueError(f"TREE={tree_setting}: an EAGLE-3 drafter ({path}) grows its own trees; use TREE=auto, "
+                         f"default, wide, chain or plain")
+    drafting = Eagle3Drafting(backend, path)
+    if not accuracy:
+        p = named["default"]
+        drafting.schedule = DynamicSchedule.of(p)
+        return DecodingPlan(None, None, f"{label} carries no accuracies to calibrate with; using default dynamic "
+                            f"trees ({p.describe()})", path, label=label, eagle3=drafting)
+    costs = step_costs(backend, settings)
+    # beyond the trained (training-time test) steps, the last step's accuracies are assumed
+    accuracy = [list(accuracy[min(d, len(accuracy) - 1)]) for d in range(max_depth)]
+    level_ms = drafting.measure_costs()
+    cals = tuple((c, calibrate_tree(accuracy, _eagle3_step_ms(costs, c, level_ms), max_depth=max_depth,
+                                    max_nodes=min(EXACT_BATCH, 2 * drafting.max_width * max_depth)))
+                 for c in costs.contexts)
+    bounds = tuple((a + b) // 2 for (a, _), (b, _) in zip(cals, cals[1:]))
+    drafting.schedule = DynamicSchedule.like(TreeSchedule(bounds, tuple(cal.tree for _, cal in cals)))
+    where = "; ".join(f"at {c} tokens of context {_verdict(cal)}" for c, cal in cals)
+    if drafting.schedule.depth == 0:
+        drafting.close()
+        return DecodingPlan(None, None, f"plain decoding: no tree beats plain decoding on this machine "
+                            f"({where}; {label})", path, cals[0][1], cals, costs, label=label)
+    return DecodingPlan(None, None, f"{label}, dynamic trees calibrated by context length: {where}", path,
+                        cals[0][1], cals, costs, label=label, eagle3=drafting)
+
+
+def _eagle3_step_ms(costs: StepCosts, context: int, level_ms: dict[int, float]):
+    """A whole EAGLE-3 step's milliseconds for a tree shape at this context: the target's verification call, the
+    drafter's catch-up (level_ms[0]) and one drafter call per further level over its widest frontier."""
+    widest = max(level_ms)
+
+    def step_ms(tree: Tree) -> float:
+        ms = costs.tree(tree.n_nodes, n_leaves(tree), context)
+        if tree.depth:
+            width = max(frontier_widths(tree), default=0)
+            ms += level_ms[0] + (tree.depth - 1) * level_ms[min(max(width, 1), widest)]
+        return ms
+
+    return step_ms
 
 
 def _verdict(cal: Calibration) -> str:

@@ -134,10 +134,7 @@ class FeatureExtractor:
             self.backend.tap_layers(self._before)
 
     def _call(self, tokens: Sequence[int], positions: Sequence[int], seqs: Sequence[tuple[int, ...]]) -> np.ndarray:
-        b = self.backend
-        b._fill_batch(tokens, positions, seqs)
-        b._run_batch(len(tokens))
-        return b._read_taps(len(tokens))
+        return self.backend.decode_taps(tokens, positions, seqs)
 
     def extract(self, sequences: Sequence[Sequence[int]]) -> list[np.ndarray]:
         """Per sequence, [len(seq), L * n_embd] float32: row t holds the tapped layers' inputs at position t."""

@@ -71,6 +71,16 @@ def _parse_kv_type(name: str, raw: str) -> str:
     return value
 
 
+DRAFTERS = ("auto", "heads", "eagle3")
+
+
+def _parse_drafter(name: str, raw: str) -> str:
+    value = raw.strip().lower()
+    if value not in DRAFTERS:
+        raise SettingsError(f"{name}={raw!r} is not a drafter kind; accepted values: {', '.join(DRAFTERS)}")
+    return value
+
+
 def _parse_optional_path(name: str, raw: str) -> Path | None:
     return Path(_parse_str(name, raw)).expanduser()
 
@@ -102,6 +112,9 @@ class Settings:
     max_tokens_per_step: int = _env("MAX_TOKENS_PER_STEP", _int_parser(lo=1, hi=64), default=6)
     # auto: calibrate from the heads' accuracies and this machine's cost curve; chain; plain; or a JSON file.
     tree: str = _env("TREE", _parse_str, default="auto")
+    # Which shipped drafter serves when MEDUSA_WEIGHTS_PATH holds none: auto (TREE=auto: the one predicted faster;
+    # a static tree: the heads), heads, or eagle3. MEDUSA_WEIGHTS_PATH may itself be an exported EAGLE-3 .gguf.
+    drafter: str = _env("DRAFTER", _parse_drafter, default="auto")
     host: str = _env("HOST", _parse_str, default="127.0.0.1")
     port: int = _env("PORT", _int_parser(lo=0, hi=65535), default=8000)
     n_parallel: int = _env("N_PARALLEL", _int_parser(lo=1, hi=64), default=1)  # server: engines, one request each

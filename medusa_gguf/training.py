@@ -98,6 +98,8 @@ def training_sequences(args: TrainArgs, backend, cache: Path, model_sha: str) ->
 
         folder = corpus_dir(Path(args.corpus), model_sha)
         seqs = load(folder, model_sha256=model_sha, max_seq_len=args.max_seq_len)
+        if args.max_samples:
+            seqs = seqs[: args.max_samples]
         if not seqs:
             raise D.DataError(f"the corpus {folder} holds no answers yet: grow it with `python -m medusa_gguf.corpus grow`")
         log.info("training on %d sequences of the corpus %s", len(seqs), folder)

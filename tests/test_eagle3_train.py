@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from medusa_gguf.eagle3 import load_drafter, read_drafter_file
-from medusa_gguf.eagle3_train import step_targets, train_eagle3
+from medusa_gguf.eagle3_train import OOV, step_targets, train_eagle3
 from medusa_gguf.models import embedding_matrix, output_matrix
 from medusa_gguf.train_args import TrainArgs
 
@@ -49,8 +49,8 @@ def test_step_targets_follow_the_ttt_convention():
     assert got[1, 0].tolist() == [-1, 14, 15, -1, -1, -1]
     assert got[2, 0].tolist() == [-1, 15, -1, -1, -1, -1]
     draft = torch.full((100,), -1)
-    draft[13] = 0  # a draft vocabulary of one token: the others do not count
-    assert step_targets(batch, draft, 1)[0, 0].tolist() == [-1, 0, -1, -1, -1, -1]
+    draft[13] = 0  # a draft vocabulary of one token: the others still count, as OOV (a miss, no loss)
+    assert step_targets(batch, draft, 1)[0, 0].tolist() == [-1, 0, OOV, OOV, -1, -1]
 
 
 def test_training_writes_loadable_drafters_and_learns(eagle3_run, model_path):
@@ -94,6 +94,7 @@ def test_training_reads_the_stored_corpus(model_path, tmp_path):
 
     sha = file_sha256(model_path)
     seqs = training_sequences(TrainArgs(corpus=str(ROOT / "data" / "corpus")), None, tmp_path, sha)
-    assert len(seqs) >= 16 and all(0 < s.first_row < len(s.tokens) for s in seqs)  # prompt as context
+    assert len(seqs) >= 16 and all(0 <= s.first_row < len(s.tokens) for s in seqs)
+    assert sum(s.first_row > 0 for s in seqs) >= 0.99 * len(seqs)  # answers, with their prompts as context
     with pytest.raises((CorpusError, FileNotFoundError, ValueError), match=str(tmp_path)):
         training_sequences(TrainArgs(corpus=str(tmp_path)), None, tmp_path, sha)

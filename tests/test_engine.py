@@ -29,6 +29,7 @@ def tiny_weights(request, tiny_run) -> Path:
 @pytest.fixture
 def no_shipped(monkeypatch, tmp_path):
     monkeypatch.setattr(E, "SHIPPED_HEADS", tmp_path / "absent.pth")
+    monkeypatch.setattr(E, "SHIPPED_EAGLE3", tmp_path / "absent.gguf")
 
 
 def settings(**kw) -> Settings:
@@ -41,7 +42,7 @@ def fixed_curve(monkeypatch, ms: dict[int, float]) -> None:
 
 def test_absent_weights_mean_plain_decoding_with_the_reason(backend, no_shipped, tmp_path):
     plan = E.plan_decoding(backend, settings(medusa_weights_path=tmp_path / "none.pth"))
-    assert plan.heads is None and f"no Medusa weights at {tmp_path / 'none.pth'}" in plan.reason
+    assert plan.heads is None and f"no drafter weights at {tmp_path / 'none.pth'}" in plan.reason
 
 
 def test_tree_plain_disables_heads(backend, tiny_weights):
