@@ -49,6 +49,7 @@ class Run:
     tree_steps: int = 0
     tree_tokens: int = 0  # tokens the tree steps emitted
     predicted_tree_tokens: float = 0.0  # what the heads' accuracies expected of those steps
+    accepted_per_depth: list[int] = field(default_factory=list)  # drafts accepted at depth 1, 2, ... (all steps)
 
 
 @dataclass
@@ -165,7 +166,7 @@ def run_bench(settings: Settings, prompts: list[dict], max_tokens: int, *, stati
             r = runners[name](tokens)
             st = r.stats
             run = Run(prompt["category"], r.tokens, time.perf_counter() - t0, st.steps, st.time_heads_s, st.tokens,
-                      st.guard_plain_steps)
+                      st.guard_plain_steps, accepted_per_depth=list(st.accepted_per_depth))
             if st.trace is not None:
                 predictors.get(name, Predictor(None, costs, backend.n_embd)).fill(run, st.trace)
             reports[name].runs.append(run)
@@ -249,7 +250,7 @@ def summarize(reports: dict[str, MethodReport], curve_ms: dict[int, float], prom
             "match_rate": sum(r.tokens == p.tokens for r, p in pairs) / max(1, len(pairs)),
             "note": rep.note,
         }
-        if name.startswith("medusa"):
+        if name.startswith(("medusa", "eagle3")):
             entry["tree_nodes"] = rep.tree_nodes
             entry["tree_cost_in_plain_steps"] = tree_cost
             # Steps the acceptance guard decoded plainly cost one plain step each, tree steps `tree_cost`.
@@ -261,6 +262,11 @@ def summarize(reports: dict[str, MethodReport], curve_ms: dict[int, float], prom
             entry["tree_steps_tau"] = sum(r.tree_tokens for r in rep.runs) / tree_steps if tree_steps else None
             entry["predicted_tree_steps_tau"] = (sum(r.predicted_tree_tokens for r in rep.runs) / tree_steps
                                                  if tree_steps else None)
+            depth = max((len(r.accepted_per_depth) for r in rep.runs), default=0)
+            accepted = [sum(r.accepted_per_depth[d] for r in rep.runs if d < len(r.accepted_per_depth))
+                        for d in range(depth)]
+            # in the loop: the share of tree steps whose depth-1 draft was accepted, and deeper alike
+            entry["acceptance_per_depth"] = [a / tree_steps for a in accepted] if tree_steps else None
             heads_s = sum(r.heads_s for r in rep.runs)
             entry["head_ms_per_step"] = heads_s / steps * 1e3 if steps else 0.0
             entry["head_overhead_vs_plain_step"] = entry["head_ms_per_step"] / plain_step_ms
@@ -292,20 +298,22 @@ def _totals(pairs: list[tuple[Run, Run]]) -> dict:
 
 def format_report(result: dict) -> str:
     lines = ["| method | tokens/s | tau | speedup vs plain (median) | predicted speedup | tree-step tau: measured / "
-             "predicted | step time: predicted / measured | ceiling | head overhead | outputs = plain |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "predicted | step time: predicted / measured | ceiling | head overhead | accepted per tree step, "
+             "depth 1 / 2 / 3 | outputs = plain |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for name, m in result["methods"].items():
         tau = f"{m['tau']:.2f}" if m["tau"] else "n/a"
         sp = f"{m['speedup_vs_plain']:.2f}x" if m["speedup_vs_plain"] is not None else "n/a"
         pred = f"{m['predicted_speedup']:.2f}x" if name != "prompt_lookup" and m.get("predicted_speedup") else ""
         ttau = (f"{m['tree_steps_tau']:.2f} / {m['predicted_tree_steps_tau']:.2f}" if m.get("tree_steps_tau")
-                else ("no tree steps" if name.startswith("medusa") else ""))
+                else ("no tree steps" if name.startswith(("medusa", "eagle3")) else ""))
+        acc = " / ".join(f"{a:.2f}" for a in m["acceptance_per_depth"][:3]) if m.get("acceptance_per_depth") else ""
         ratio = f"{m['cost_model_time_ratio']:.2f}" if m.get("cost_model_time_ratio") else ""
         ceil = f"{m['ceiling_speedup']:.2f}x" if m.get("ceiling_speedup") else ""
         over = f"{100 * m['head_overhead_vs_plain_step']:.1f}%" if "head_overhead_vs_plain_step" in m else ""
         match = "yes" if m["outputs_match_plain"] else f"no: {100 * m['match_rate']:.0f}% of prompts match"
         lines.append(f"| {name} | {m['tokens_per_s']:.1f} | {tau} | {sp} | {pred} | {ttau} | {ratio} | {ceil} | {over} "
-                     f"| {match} |")
+                     f"| {acc} | {match} |")
     cats = sorted(next(iter(result["methods"].values()))["per_category"])
     lines += ["", "| category | " + " | ".join(f"{n}: tok/s (tau), speedup (predicted)" for n in result["methods"])
               + " |", "|---|" + "---:|" * len(result["methods"])]

@@ -29,6 +29,7 @@ from .eagle3_gguf import LlamaEagle3
 from .tree import Tree, TreeSchedule, build_tree, plain
 
 log = logging.getLogger(__name__)
+SMALL_CATCH_UP = 16  # entries decoded with outputs in one call; longer catch-ups go in silently first
 
 
 @dataclass(frozen=True)
@@ -228,13 +229,15 @@ class Eagle3Session:
         t = len(self.tokens) - 1
         assert len(feats) == t + 1 - self.fed, (len(feats), t, self.fed)
         nxt = self.tokens[self.fed + 1 :] + [pending]  # x_{i+1} for i = fed..t
-        step = self.rt.n_batch
-        for a in range(0, len(feats), step):
-            b = min(a + step, len(feats))
-            g = self.rt.encode(feats[a:b])
-            last = b == len(feats)
-            logits, pre = self.rt.decode(nxt[a:b], g, range(self.fed + a, self.fed + b),
-                                         outputs=[last and i == b - a - 1 for i in range(b - a)])
+        g = self.rt.encode(feats)
+        # llama.cpp copies out every row up to the last output (LlamaEagle3.decode): a long catch-up (a prompt) goes
+        # in silently, its last entry alone; a step's few entries in one call
+        n, bulk = len(feats), (len(feats) - 1 if len(feats) > SMALL_CATCH_UP else 0)
+        for a in range(0, bulk, self.rt.n_batch):
+            b = min(a + self.rt.n_batch, bulk)
+            self.rt.decode(nxt[a:b], g[a:b], range(self.fed + a, self.fed + b), outputs=[False] * (b - a))
+        logits, pre = self.rt.decode(nxt[bulk:], g[bulk:], range(self.fed + bulk, self.fed + n),
+                                     outputs=[i == n - 1 for i in range(bulk, n)])
         self.fed = t + 1
         self.unfed = []
         return logits[0], pre[0]

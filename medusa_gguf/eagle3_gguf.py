@@ -33,7 +33,7 @@ import torch
 
 import llama_cpp as lc
 
-from .backend import KV_GGML_TYPES, Backend, BackendError, ContextLengthError, _recent_llama_errors
+from .backend import KV_GGML_TYPES, Backend, BackendError, ContextLengthError, _recent_llama_errors, cpp_function
 from .eagle3 import Eagle3Config, Eagle3Drafter
 from .features import LayerError, check_layers, default_target_layers
 from .models import GGUF_MAGIC, ModelFileError, TensorInfo, embedding_matrix, output_matrix
@@ -347,21 +347,9 @@ _NEXTN_GET = ("llama_get_embeddings_nextn", "_Z26llama_get_embeddings_nextnP13ll
 
 def _nextn_functions():
     """llama_set_embeddings_nextn / llama_get_embeddings_nextn from libllama (C or mangled C++ name)."""
-    lib = lc.llama_cpp._lib
-
-    def find(names: Sequence[str]):
-        for name in names:
-            try:
-                return getattr(lib, name)
-            except AttributeError:
-                continue
-        raise BackendError(f"{lib._name} exports none of {', '.join(names)}; this llama.cpp build cannot return "
-                           "the eagle3 graph's prenorm state (t_h_nextn)")
-
-    set_fn, get_fn = find(_NEXTN_SET), find(_NEXTN_GET)
-    set_fn.argtypes, set_fn.restype = [ctypes.c_void_p, ctypes.c_bool, ctypes.c_bool], None
-    get_fn.argtypes, get_fn.restype = [ctypes.c_void_p], ctypes.POINTER(ctypes.c_float)
-    return set_fn, get_fn
+    what = "return the eagle3 graph's prenorm state (t_h_nextn)"
+    return (cpp_function(_NEXTN_SET, [ctypes.c_void_p, ctypes.c_bool, ctypes.c_bool], None, what),
+            cpp_function(_NEXTN_GET, [ctypes.c_void_p], ctypes.POINTER(ctypes.c_float), what))
 
 
 def is_eagle3_gguf(path: Path) -> bool:
@@ -580,7 +568,11 @@ class LlamaEagle3:
         if n > self.n_batch:
             raise ValueError(f"{n} entries exceed the drafter's n_batch={self.n_batch}")
         seq_ids = [0] * n if seq_ids is None else seq_ids
-        outputs = [True] * n if outputs is None else outputs
+        wanted = [True] * n if outputs is None else [bool(o) for o in outputs]
+        # The eagle3 graph computes every row (no inp_out_ids), and llama.cpp copies out the graph's FIRST n_outputs
+        # rows: so every row up to the last wanted one is an output, and the wanted ones are picked here.
+        last = max((i for i in range(n) if wanted[i]), default=-1)
+        outputs = [i <= last for i in range(n)]
         seq_sets = [(int(s),) if isinstance(s, (int, np.integer)) else tuple(int(x) for x in s) for s in seq_ids]
         self._check_positions(positions, seq_sets)
         lc.llama_batch_ext_clear(self._batch)
@@ -605,9 +597,9 @@ class LlamaEagle3:
         if n_out == 0:
             return np.zeros((0, len(self.d2t) if not full_vocab else self.n_vocab), np.float32), \
                 np.zeros((0, self.n_embd), np.float32)
-        logits = np.ctypeslib.as_array(lc.llama_get_logits(self._ctx), shape=(n_out, self.n_vocab))
-        logits = logits.copy() if full_vocab else logits[:, self.d2t]
-        return logits, self._prenorm(n_out)
+        rows = [i for i in range(n_out) if wanted[i]]
+        logits = np.ctypeslib.as_array(lc.llama_get_logits(self._ctx), shape=(n_out, self.n_vocab))[rows]
+        return (logits if full_vocab else logits[:, self.d2t]), self._prenorm(n_out)[rows]
 
     def _check_positions(self, positions: Sequence[int], seq_sets: Sequence[tuple[int, ...]]) -> None:
         """llama.cpp refuses a batch whose entries of a non-empty sequence do not start right after its last cell

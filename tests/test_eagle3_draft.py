@@ -97,16 +97,19 @@ def test_greedy_eagle3_equals_plain(backend, drafter_file, prompts, plain_output
         drafting.close()
 
 
-def test_the_drafters_state_is_what_a_fresh_reading_of_the_text_gives(backend, untrained, prompt_tokens):
+def test_the_drafters_state_is_what_a_fresh_reading_of_the_text_gives(backend, untrained):
     """After tree steps, the entries the session fed (from the verification calls' features) give the drafter the
     same root distribution as entries built from a prefill of the whole committed text."""
     drafting = Eagle3Drafting(backend, untrained, DynamicSchedule.of(SHAPES["default"]))
     sessions = []
     original = drafting.session
     drafting.session = lambda tokens, prefill: sessions.append(original(tokens, prefill)) or sessions[-1]
+    prompt_tokens = backend.tokenize(backend.apply_chat_template(
+        [{"role": "user", "content": "Write a long story about a dragon who learns to cook."}]))
     try:
         r = GenerationResult()
         list(generate(backend, prompt_tokens, SamplingParams(max_tokens=40), r, drafter=drafting))
+        assert r.finish_reason == "length"  # so the last token is the pending one, not an end of turn
         committed = list(prompt_tokens) + r.tokens[:-1]  # the last token is the pending one
         live = sessions[0]
         assert backend.n_past == len(committed) and live.tokens == committed
@@ -156,7 +159,7 @@ def test_the_engine_serves_an_exported_drafter(backend, untrained, prompt_tokens
         assert "EAGLE-3 drafter untrained.gguf with default dynamic trees" in plan.reason
         r = GenerationResult()
         list(plan.generate(backend, prompt_tokens, SamplingParams(max_tokens=24), r))
-        assert r.stats.mode == "medusa" and len(r.tokens) == 24
+        assert r.stats.mode == "medusa" and 0 < len(r.tokens) <= 24
     finally:
         plan.close()
     with pytest.raises(ValueError, match="grows its own trees"):
