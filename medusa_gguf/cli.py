@@ -150,7 +150,7 @@ def _cmd_export_eagle3(args: argparse.Namespace) -> int:
     export_eagle3_gguf(drafter, args.output, target_gguf=model, weight_type=args.weight_type)
     acc = drafter.config.accuracy
     print(f"wrote {args.output} ({args.output.stat().st_size / 2**20:.1f} MiB, {args.weight_type}; target "
-          f"{model.name}; validation top-1 per step: "
+          f"{model.name}; validation top-1 per step, given the earlier steps right: "
           f"{' '.join(f'{row[0]:.3f}' for row in acc) if acc else 'none recorded'})")
     return 0
 

@@ -186,7 +186,9 @@ def plan_decoding(backend: Backend, settings: Settings, *, tree: str | None = No
         return plan
     heads = _plan_heads(backend, settings, shipped["heads"], tree_setting)
     eagle3 = _plan_eagle3(backend, settings, shipped["eagle3"], tree_setting)
-    best, other = sorted((heads, eagle3), key=lambda p: -p.predicted_speedup)
+    if not heads.drafting and not eagle3.drafting:
+        return replace(heads, reason=f"{heads.reason}; and with the EAGLE-3 drafter: {eagle3.reason}")
+    best, other = sorted((heads, eagle3), key=lambda p: (-p.drafting, -p.predicted_speedup))
     other.close()
     return replace(best, reason=f"{best.reason} (TREE=auto chose it: predicted {best.predicted_speedup:.2f}x "
                                 f"against {other.predicted_speedup:.2f}x for {other.label})")
