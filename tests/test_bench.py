@@ -12,9 +12,11 @@ def test_summarize_counts_the_eos_step_and_takes_per_prompt_ratios():
     plain = MethodReport("plain", runs=[Run("a", [1, 2, 3], 1.0, 4, produced=4), Run("b", [4] * 6, 1.0, 6, produced=6)])
     medusa = MethodReport("medusa_static", tree_nodes=10, runs=[
         Run("a", [1, 2, 3], 0.5, 2, heads_s=0.002, produced=4,  # twice as fast as plain on prompt a
-            predicted_s=1.25, predicted_speedup=1.5, tree_steps=2, tree_tokens=4, predicted_tree_tokens=5.0),
+            predicted_s=1.25, predicted_speedup=1.5, tree_steps=2, tree_tokens=4, predicted_tree_tokens=5.0,
+            accepted_per_depth=[1, 0]),
         Run("b", [4] * 5 + [9], 2.0, 2, heads_s=0.002, produced=6,  # half as fast, and a different output
-            predicted_s=2.5, predicted_speedup=0.5, tree_steps=2, tree_tokens=6, predicted_tree_tokens=5.0),
+            predicted_s=2.5, predicted_speedup=0.5, tree_steps=2, tree_tokens=6, predicted_tree_tokens=5.0,
+            accepted_per_depth=[2, 1]),
     ])
     result = summarize({"plain": plain, "medusa_static": medusa}, CURVE, [{}, {}], 8)
     p, m = result["methods"]["plain"], result["methods"]["medusa_static"]
@@ -33,7 +35,9 @@ def test_summarize_counts_the_eos_step_and_takes_per_prompt_ratios():
     assert m["tree_steps_tau"] == pytest.approx(2.5) and m["predicted_tree_steps_tau"] == pytest.approx(2.5)
     assert m["per_category"]["b"]["predicted_speedup"] == pytest.approx(0.5)
     assert m["per_category"]["b"]["cost_model_time_ratio"] == pytest.approx(2.5 / 2.0)
-    row = "| medusa_static | 3.6 | 2.50 | 1.25x | 1.00x | 2.50 / 2.50 | 1.50 | 0.50x | 0.5% | no: 50% of prompts match |"
+    assert m["acceptance_per_depth"] == pytest.approx([3 / 4, 1 / 4])  # per tree step, over both runs
+    row = ("| medusa_static | 3.6 | 2.50 | 1.25x | 1.00x | 2.50 / 2.50 | 1.50 | 0.50x | 0.5% | 0.75 / 0.25 "
+           "| no: 50% of prompts match |")
     assert row in format_report(result)
 
 

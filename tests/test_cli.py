@@ -78,7 +78,8 @@ def test_bench_runs_every_method_and_writes_json_and_plot(tmp_path, tiny_depende
     assert out.returncode == 0, out.stderr[-3000:]
     methods = json.loads(path.read_text())["methods"]
     assert set(methods) == {"plain", "prompt_lookup", "medusa_static", "medusa_calibrated", "medusa_dependent",
-                            "medusa_dependent_calibrated"}
+                            "medusa_dependent_calibrated", "eagle3_static", "eagle3_calibrated"}  # (the shipped drafter)
+    assert methods["eagle3_static"]["outputs_match_plain"]
     for m in methods.values():
         assert {"tokens_per_s", "tau", "speedup_vs_plain", "outputs_match_plain"} <= set(m)
         assert m["tokens_per_s"] > 0

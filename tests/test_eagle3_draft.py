@@ -92,7 +92,7 @@ def test_greedy_eagle3_equals_plain(backend, drafter_file, prompts, plain_output
         print(f"\n{shape} ({drafter_file.name}): accepted drafts per depth {accepted}")
         assert accepted[0] > 0
         if drafter_file == E.SHIPPED_EAGLE3:
-            assert accepted[2] > 0  # a trained drafter gets deep paths accepted: the whole path logic ran
+            assert accepted[1] > 0  # a trained drafter gets paths below depth 1 accepted: the whole path logic ran
     finally:
         drafting.close()
 

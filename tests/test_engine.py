@@ -68,6 +68,7 @@ def test_shipped_heads_are_used_only_for_their_model_file(backend, monkeypatch, 
                         torch.zeros(49152, 576), state["draft_ids"])
     save_heads(heads, foreign)
     monkeypatch.setattr(E, "SHIPPED_HEADS", foreign)
+    monkeypatch.setattr(E, "SHIPPED_EAGLE3", tmp_path / "absent.gguf")  # the heads alone are under test
     plan = E.plan_decoding(backend, settings(medusa_weights_path=tmp_path / "none.pth"))
     assert plan.heads is None and "trained for someone-else.gguf, not this model file" in plan.reason
     monkeypatch.setattr(E, "SHIPPED_HEADS", tiny_weights)  # trained on this very file: its hash matches
