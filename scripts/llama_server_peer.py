@@ -67,8 +67,14 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 300) -> None:
     raise RuntimeError(f"{url} did not become ready in {timeout} s")
 
 
+def model_id(url: str) -> str:
+    """The served model's id: this project's server answers 404 for another name, as the OpenAI API does."""
+    with urllib.request.urlopen(url + "/v1/models", timeout=10) as r:
+        return json.loads(r.read())["data"][0]["id"]
+
+
 def chat(url: str, prompt: str, max_tokens: int) -> tuple[str, int, float, dict]:
-    body = json.dumps({"model": "m", "temperature": 0, "max_tokens": max_tokens, "seed": 0,
+    body = json.dumps({"model": model_id(url), "temperature": 0, "max_tokens": max_tokens, "seed": 0,
                        "messages": [{"role": "user", "content": prompt}]}).encode()
     req = urllib.request.Request(url + "/v1/chat/completions", body, {"Content-Type": "application/json"})
     t0 = time.perf_counter()
