@@ -501,6 +501,18 @@ class Backend:
         llama.cpp skips the lm_head (a quarter of the default model's work per token)."""
         if not self.taps:
             raise BackendError("decode_taps needs layer taps on (tap_layers)")
+        self._run_silent(tokens, positions, seqs)
+        return self._read_taps(len(tokens))
+
+    def _decode_silent(self, tokens: Sequence[int]) -> None:
+        """Decode a chain onto seq 0 with no outputs. The KV cells are those `append` would write."""
+        self._make_room(len(tokens), len(tokens))
+        self._run_silent(tokens, range(self.n_past, self.n_past + len(tokens)), [(0,)] * len(tokens))
+        self.n_past += len(tokens)
+
+    def _run_silent(self, tokens: Sequence[int], positions: Sequence[int], seqs: Sequence[tuple[int, ...]]) -> None:
+        """One call with no outputs: embeddings off (they force an output per token) and no token marked for
+        logits, so llama.cpp skips the lm_head."""
         self._fill_batch(tokens, positions, seqs)
         for i in range(len(tokens)):
             self._batch.logits[i] = False
@@ -509,21 +521,6 @@ class Backend:
             self._run_batch(len(tokens))
         finally:
             lc.llama_set_embeddings(self._ctx, True)
-        return self._read_taps(len(tokens))
-
-    def _decode_silent(self, tokens: Sequence[int]) -> None:
-        """Decode a chain onto seq 0 with no outputs: embeddings off (they force an output per token) and no token
-        marked for logits, so llama.cpp skips the lm_head. The KV cells are those `append` would write."""
-        self._make_room(len(tokens), len(tokens))
-        self._fill_batch(tokens, range(self.n_past, self.n_past + len(tokens)), [(0,)] * len(tokens))
-        for i in range(len(tokens)):
-            self._batch.logits[i] = False
-        lc.llama_set_embeddings(self._ctx, False)
-        try:
-            self._run_batch(len(tokens))
-        finally:
-            lc.llama_set_embeddings(self._ctx, True)
-        self.n_past += len(tokens)
 
     def append(self, tokens: Sequence[int]) -> DecodeOutput:
         """Decode a chain of tokens onto seq 0 and keep it; outputs for every token."""

@@ -105,11 +105,10 @@ def run_bench(settings: Settings, prompts: list[dict], max_tokens: int, *, stati
     curve = cost_curve(backend, settings)
     costs = step_costs(backend, settings)
     given = settings.medusa_weights_path if settings.medusa_weights_path.is_file() else None
-    if eagle3 is None:
-        eagle3 = given if given is not None and is_eagle3_gguf(given) else (
-            SHIPPED_EAGLE3 if SHIPPED_EAGLE3.is_file() else None)
-    if given is not None and is_eagle3_gguf(given):
-        given = None
+    if given is not None and is_eagle3_gguf(given):  # MEDUSA_WEIGHTS_PATH names the eagle3 rows' drafter
+        eagle3, given = eagle3 or given, None
+    elif eagle3 is None and SHIPPED_EAGLE3.is_file():
+        eagle3 = SHIPPED_EAGLE3
     if weights is None and given is None and SHIPPED_MEDUSA_HEADS.is_file():
         weights = SHIPPED_MEDUSA_HEADS  # the shipped default may be dependent heads; these rows are Medusa's
     plans = {"medusa_static": plan_decoding(backend, settings, tree=static_tree, weights=weights),

@@ -26,7 +26,7 @@ import numpy as np
 
 from .backend import EXACT_BATCH, Backend, DecodeOutput
 from .eagle3_gguf import LlamaEagle3
-from .tree import Tree, TreeSchedule, build_tree, plain
+from .tree import Tree, TreeSchedule, build_tree, by_context, plain
 
 log = logging.getLogger(__name__)
 SMALL_CATCH_UP = 16  # entries decoded with outputs in one call; longer catch-ups go in silently first
@@ -55,7 +55,7 @@ class DynamicTreeParams:
         (None for the root-only tree: plain steps)."""
         if tree.depth == 0:
             return None
-        return cls(nodes=tree.n_nodes, depth=tree.depth, width=max(frontier_widths(tree), default=1) or 1,
+        return cls(nodes=tree.n_nodes, depth=tree.depth, width=max(frontier_widths(tree), default=1),
                    topk=max(tree.ranks) + 1)
 
     def describe(self) -> str:
@@ -71,10 +71,7 @@ class DynamicSchedule:
     params: tuple[DynamicTreeParams | None, ...]
 
     def at(self, context: int) -> DynamicTreeParams | None:
-        for bound, p in zip(self.bounds, self.params):
-            if context < bound:
-                return p
-        return self.params[-1]
+        return by_context(self.bounds, self.params, context)
 
     @property
     def depth(self) -> int:

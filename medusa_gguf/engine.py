@@ -35,7 +35,7 @@ import numpy as np
 from .backend import EXACT_BATCH, Backend
 from .costs import CostCurve, StepCosts, cost_key, measure_step_costs, save_json
 from .decoding import AcceptanceGuard, GenerationResult, SamplingParams, generate
-from .eagle3_draft import DynamicSchedule, DynamicTreeParams, Eagle3Drafting, frontier_widths
+from .eagle3_draft import DynamicSchedule, DynamicTreeParams, Eagle3Drafting
 from .eagle3_gguf import drafter_info, is_eagle3_gguf, read_gguf_header
 from .exactness import check_exactness
 from .models import file_sha256, user_cache_dir
@@ -182,8 +182,7 @@ def plan_decoding(backend: Backend, settings: Settings, *, tree: str | None = No
                             + "".join(f", and {w}" for w in why_not) + f" (DRAFTER={kind})")
     if len(shipped) == 1 or tree_setting != "auto":  # static trees are head rank paths: heads first
         name = "heads" if "heads" in shipped else "eagle3"
-        plan = (_plan_heads if name == "heads" else _plan_eagle3)(backend, settings, shipped[name], tree_setting)
-        return plan
+        return (_plan_heads if name == "heads" else _plan_eagle3)(backend, settings, shipped[name], tree_setting)
     heads = _plan_heads(backend, settings, shipped["heads"], tree_setting)
     eagle3 = _plan_eagle3(backend, settings, shipped["eagle3"], tree_setting)
     if not heads.drafting and not eagle3.drafting:
@@ -236,23 +235,22 @@ def _plan_eagle3(backend: Backend, settings: Settings, path: Path, tree_setting:
     width, top-k) from the drafter's validation accuracies, this machine's step costs and the drafter's measured
     cost per level, per context length."""
     max_depth = settings.max_tokens_per_step - 1
-    sha, accuracy = drafter_info(read_gguf_header(path).meta)
     label = f"EAGLE-3 drafter {path.name}"
-    if sha and sha != file_sha256(backend.model_path):
-        log.warning("%s was trained on another model file (SHA-256 %s...), not %s: it fits its shape, but expect "
-                    "fewer accepted drafts", path, sha[:12], backend.model_path.name)
     named = {"default": DynamicTreeParams(depth=min(6, max_depth)),
              "wide": DynamicTreeParams(nodes=48, depth=min(6, max_depth), width=8, topk=8),
              "chain": DynamicTreeParams(nodes=max_depth + 1, depth=max_depth, width=1, topk=1)}
-    if tree_setting in named:
-        p = named[tree_setting]
-        drafting = Eagle3Drafting(backend, path, DynamicSchedule.of(p))
-        return DecodingPlan(None, None, f"{label} with {tree_setting} dynamic trees ({p.describe()})", path,
-                            label=label, eagle3=drafting)
-    if tree_setting != "auto":
+    if tree_setting not in named and tree_setting != "auto":
         raise ValueError(f"TREE={tree_setting}: an EAGLE-3 drafter ({path}) grows its own trees; use TREE=auto, "
                          f"default, wide, chain or plain")
-    drafting = Eagle3Drafting(backend, path)
+    drafting = Eagle3Drafting(backend, path, DynamicSchedule.of(named[tree_setting]) if tree_setting in named
+                              else None)
+    sha, accuracy = drafter_info(drafting.runtime.meta)  # the header llama.cpp's loader was checked against
+    if sha and sha != file_sha256(backend.model_path):
+        log.warning("%s was trained on another model file (SHA-256 %s...), not %s: it fits its shape, but expect "
+                    "fewer accepted drafts", path, sha[:12], backend.model_path.name)
+    if tree_setting in named:
+        return DecodingPlan(None, None, f"{label} with {tree_setting} dynamic trees "
+                            f"({named[tree_setting].describe()})", path, label=label, eagle3=drafting)
     if not accuracy:
         p = named["default"]
         drafting.schedule = DynamicSchedule.of(p)
@@ -283,9 +281,9 @@ def _eagle3_step_ms(costs: StepCosts, context: int, level_ms: dict[int, float]):
 
     def step_ms(tree: Tree) -> float:
         ms = costs.tree(tree.n_nodes, n_leaves(tree), context)
-        if tree.depth:
-            width = max(frontier_widths(tree), default=0)
-            ms += level_ms[0] + (tree.depth - 1) * level_ms[min(max(width, 1), widest)]
+        p = DynamicTreeParams.like(tree)  # the shape the schedule will draft for this tree
+        if p is not None:
+            ms += level_ms[0] + (p.depth - 1) * level_ms[min(p.width, widest)]
         return ms
 
     return step_ms

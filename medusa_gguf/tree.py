@@ -62,14 +62,19 @@ class TreeSchedule:
                              f"and bounds {self.bounds}")
 
     def tree_at(self, context: int) -> Tree:
-        for bound, tree in zip(self.bounds, self.trees):
-            if context < bound:
-                return tree
-        return self.trees[-1]
+        return by_context(self.bounds, self.trees, context)
 
     @property
     def depth(self) -> int:
         return max(t.depth for t in self.trees)
+
+
+def by_context(bounds: Sequence[int], items: Sequence, context: int):
+    """items[i] for contexts below bounds[i] (sorted), the last item for every longer one."""
+    for bound, item in zip(bounds, items):
+        if context < bound:
+            return item
+    return items[-1]
 
 
 def _as_choice(raw: object) -> Choice:

@@ -1,6 +1,7 @@
 """Shared fixtures: the embedded default model loads in well under a second, so tests use the real thing."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -32,6 +33,26 @@ def prompt_tokens(backend):
 
 
 ROOT = Path(__file__).resolve().parents[1]
+HELDOUT = ROOT / "medusa_gguf" / "prompts" / "heldout.jsonl"
+
+
+def heldout_chat_prompts(backend, n: int) -> list[list[int]]:
+    """Token ids of `n` held-out prompts spread over the file, each in the model's chat template."""
+    rows = [json.loads(line) for line in HELDOUT.read_text().splitlines()]
+    picked = rows[:: max(1, len(rows) // n)][:n]
+    return [backend.tokenize(backend.apply_chat_template([{"role": "user", "content": r["prompt"]}])) for r in picked]
+
+
+def plain_greedy(backend, prompts, max_tokens: int) -> list[list[int]]:
+    """Plain greedy completions of `prompts`: the outputs every drafter must reproduce."""
+    from medusa_gguf.decoding import GenerationResult, SamplingParams, generate
+
+    outs = []
+    for p in prompts:
+        r = GenerationResult()
+        list(generate(backend, p, SamplingParams(max_tokens=max_tokens), r))
+        outs.append(r.tokens)
+    return outs
 PROMPTS_SMALL = ROOT / "tests" / "data" / "prompts_small.jsonl"
 TINY_TRAIN_FLAGS = ["--self_distill", "--prompts_file", str(PROMPTS_SMALL), "--distill_max_tokens", "96",
                     "--threads", "2", "--val_fraction", "0.2", "--draft_vocab_size", "2048", "--k_heads", "5",

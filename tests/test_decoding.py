@@ -2,7 +2,6 @@
 sampling keeps the base model's distribution; stops and fallbacks behave."""
 from __future__ import annotations
 
-import json
 import random
 
 import numpy as np
@@ -13,9 +12,8 @@ from medusa_gguf.decoding import GenerationResult, MedusaStepper, SamplingParams
 from medusa_gguf.settings import Settings
 from medusa_gguf.tree import DEFAULT_CHOICES, build_tree, chain, node_tokens
 
-from .conftest import ROOT
+from .conftest import heldout_chat_prompts, plain_greedy
 
-HELDOUT = ROOT / "medusa_gguf" / "prompts" / "heldout.jsonl"
 N_PROMPTS, N_TOKENS = 30, 128
 
 
@@ -70,19 +68,12 @@ class OracleDependentHeads(OracleHeads):
 
 @pytest.fixture(scope="module")
 def prompts(backend):
-    rows = [json.loads(line) for line in HELDOUT.read_text().splitlines()]
-    picked = [rows[i] for i in range(0, len(rows), len(rows) // N_PROMPTS)][:N_PROMPTS]
-    return [backend.tokenize(backend.apply_chat_template([{"role": "user", "content": r["prompt"]}])) for r in picked]
+    return heldout_chat_prompts(backend, N_PROMPTS)
 
 
 @pytest.fixture(scope="module")
 def plain_outputs(backend, prompts):
-    outs = []
-    for p in prompts:
-        r = GenerationResult()
-        list(generate(backend, p, SamplingParams(max_tokens=N_TOKENS), r))
-        outs.append(r.tokens)
-    return outs
+    return plain_greedy(backend, prompts, N_TOKENS)
 
 
 TREES = {

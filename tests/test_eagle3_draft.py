@@ -2,7 +2,6 @@
 reading of the same text, greedy output equal to plain decoding, sampling, and the engine's choice of drafter."""
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import pytest
@@ -15,9 +14,8 @@ from medusa_gguf.eagle3_gguf import drafter_for_target, drafter_info, export_eag
 from medusa_gguf.settings import Settings, SettingsError
 from medusa_gguf.tree import DEFAULT_CHOICES, build_tree, chain
 
-from .conftest import ROOT, TEST_SETTINGS
+from .conftest import TEST_SETTINGS, heldout_chat_prompts, plain_greedy
 
-HELDOUT = ROOT / "medusa_gguf" / "prompts" / "heldout.jsonl"
 SHAPES = {"default": DynamicTreeParams(), "chain": DynamicTreeParams(nodes=6, depth=5, width=1, topk=1),
           "wide": DynamicTreeParams(nodes=40, depth=5, width=8, topk=6)}
 
@@ -61,19 +59,12 @@ def drafter_file(untrained):
 
 @pytest.fixture(scope="module")
 def prompts(backend):
-    rows = [json.loads(line) for line in HELDOUT.read_text().splitlines()]
-    picked = rows[:: max(1, len(rows) // 6)][:6]
-    return [backend.tokenize(backend.apply_chat_template([{"role": "user", "content": r["prompt"]}])) for r in picked]
+    return heldout_chat_prompts(backend, 6)
 
 
 @pytest.fixture(scope="module")
 def plain_outputs(backend, prompts):
-    outs = []
-    for p in prompts:
-        r = GenerationResult()
-        list(generate(backend, p, SamplingParams(max_tokens=64), r))
-        outs.append(r.tokens)
-    return outs
+    return plain_greedy(backend, prompts, 64)
 
 
 @pytest.mark.parametrize("shape", SHAPES)
