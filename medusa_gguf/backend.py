@@ -1,12 +1,14 @@
 """The llama.cpp backend: the only module that imports `llama_cpp` (its low-level C API).
 
 Sequence ids and the KV cache, as used here:
-- seq 0 is the committed text. Positions 0..n_past-1 of seq 0 hold the prompt and every accepted token.
-- A tree is decoded in ONE `llama_decode` call. Each leaf gets its own sequence id (1..L); each node carries the
-  ids of all leaves below it, and the committed prefix is shared into every leaf sequence first. llama.cpp masks a
-  token to the cells sharing its sequence, so a node sees the prefix and its own ancestors, nothing else.
-  The KV cache must be unified (`kv_unified=True`) for one cell to belong to several sequences.
-- `commit(node)` adds seq 0 to the cells of the root-to-node path and drops the leaf sequences.
+- A context holds `slots` texts (one for the CLI and the benchmark; N_PARALLEL for the server, batching.py). Text
+  s is sequence s (a `SeqState`): positions 0..n_past-1 of seq s hold its prompt and every accepted token.
+- A tree is decoded in ONE `llama_decode` call, alone or with other texts' work (`decode_batch`). Each leaf gets its
+  own sequence id (slots..slots+61); each node carries the ids of all leaves below it, and the committed prefix is
+  shared into every leaf sequence first. llama.cpp masks a token to the cells sharing its sequence, so a node sees
+  its text's prefix and its own ancestors, nothing else. The KV cache must be unified (`kv_unified=True`) for one
+  cell to belong to several sequences.
+- `commit(node)` adds the text's sequence to the cells of the root-to-node path and drops the leaf sequences.
 
 Exactness. Attention sums over the visible KV cells in cell order, and the Q8 activation quantization of a
 4-bit model turns a last-bit difference into logit differences of ~0.5. So a token must see exactly the cells
@@ -14,18 +16,22 @@ plain decoding would show it, in the same order:
 - Flash attention is on. On this CPU build, with it off, a token decoded alone and the same token inside a
   batch gave different logits (the matmul path depends on the batch); with it on they are bit-identical.
   A Backend built without flash attention refuses trees (`tests/test_backend.py`).
-- A call with 64 or more tokens takes another attention path on this CPU build, whose results differ from
-  single-token decoding; so trees have at most EXACT_BATCH (63) nodes and hidden-state extraction feeds at most
-  63 tokens per call. Prompt prefill may use bigger chunks: plain and Medusa decoding share it.
+- A call with 64 or more tokens takes another attention path on this CPU build (with an f16 cache: tiles of 64
+  cells, so a sum depends on where other texts' cells lie), whose results differ from single-token decoding; so
+  every call that keeps cells has at most EXACT_BATCH (63) tokens: trees, batched steps and prompt chunks alike.
+  A row's results then depend on nothing but its own text: not on the call's other rows, nor on other texts'
+  cells interleaved in the cache (masked cells are skipped one by one). Hidden-state extraction feeds at most 63
+  tokens per call too.
 - A single-token call over 512 or more KV cells with an f16 or f32 cache takes ggml's split-KV path on the CPU
   (each thread sums a chunk of the cells, then the chunks are merged), while a tree's rows are summed cell by
   cell: the logits differ by up to ~1 from about 256 tokens of context on. The KV cache is therefore bf16 where
   the CPU computes attention (`resolve_kv_type`): both calls then take the same path, bit-identical at any length.
-- Cells of seq 0 stay in position order. A discarded node whose cell lies BEFORE a kept one is not freed: a
-  later token would reuse that hole and be visited before an older token (docs/DESIGN.md's flash-attention trap).
-  Such cells move to the trash sequence, which no token attends to. Discarded cells after the last kept one
-  are freed. When the trash fills the slack cells, `_compact` rewrites seq 0 contiguously through llama.cpp's
-  sequence state save/restore (a memory copy, no decode).
+- Every text's cells stay in position order. llama.cpp puts a new token in the first free cell from its search
+  head, so a hole would be reused and visited before older cells (docs/DESIGN.md's flash-attention trap). Free
+  cells therefore only ever lie at the end of the cache: a discarded node or a finished text moves to the trash
+  sequence, which no token attends to, except discarded nodes at the very end of the cache (the last tree of the
+  last call), which are freed. When the trash fills the slack cells, `_compact` rewrites every text contiguously
+  through llama.cpp's sequence state save/restore (a memory copy, no decode).
 
 Every decode returns, per output row, the logits and the final hidden state (post final norm, the vector the
 lm_head multiplies): `embeddings=True` with `pooling_type=NONE`. Prefill's calls before its last switch embeddings
@@ -54,11 +60,12 @@ from .settings import Settings
 
 log = logging.getLogger(__name__)
 
-N_SEQ_MAX = 64  # seq 0: committed text; 1..62: tree leaves; 63: trash
+N_SEQ_MAX = 64  # one text: seq 0: committed text; 1..62: tree leaves; 63: trash
 TRASH_SEQ = N_SEQ_MAX - 1
-MAX_TREE_LEAVES = N_SEQ_MAX - 2
+MAX_TREE_LEAVES = N_SEQ_MAX - 2  # leaves of one tree; of all pending trees with one text
+LLAMA_MAX_SEQ = 256  # llama.cpp's limit on sequence ids (src/llama-cparams.h)
+MAX_SLOTS = LLAMA_MAX_SEQ - MAX_TREE_LEAVES - 1
 EXACT_BATCH = 63  # largest call whose outputs equal single-token decoding bit for bit (measured, see above)
-TILED_BATCH = 64  # from this many tokens per call, ggml's CPU flash attention takes its tiled path (GGML_FA_TILE_Q)
 DEFAULT_N_BATCH = 512
 
 
@@ -156,7 +163,30 @@ class _PendingTree:
     parents: tuple[int, ...]
     depths: tuple[int, ...]
     leaf_seq: tuple[int, ...]  # for each node, one leaf sequence whose path runs through it
-    n_leaves: int
+    leaves: tuple[int, ...]  # the leaf sequence ids
+    call: int  # the decode call that wrote its cells (Backend._calls)
+    at_end: bool  # its cells were the last ones that call wrote
+
+
+@dataclass
+class SeqState:
+    """One text in the KV cache: its sequence id, its length and the tree decoded after it last, if any."""
+
+    seq: int
+    n_past: int = 0
+    tree: _PendingTree | None = None
+
+
+@dataclass(frozen=True)
+class Work:
+    """One text's part of a `decode_batch` call: a chain kept in the text (`parents` None: a prompt chunk, a plain
+    step) or a tree after it, to `commit` next. `outputs`: a chain's rows whose logits and hidden states come back,
+    "all", "last" or "none"; a tree's rows all come back."""
+
+    state: SeqState
+    tokens: Sequence[int]
+    parents: Sequence[int] | None = None
+    outputs: str = "all"
 
 
 def default_threads() -> int:
@@ -177,18 +207,29 @@ def tree_depths(parents: Sequence[int]) -> list[int]:
     return depths
 
 
-def prefill_spans(n: int, n_batch: int) -> list[tuple[int, int]]:
-    """The calls (start, stop) that prefill a prompt of n tokens; only the last one returns outputs.
+def prefill_spans(n: int) -> list[tuple[int, int]]:
+    """The calls (start, stop) that prefill a prompt of n tokens: chunks of EXACT_BATCH; only the last one returns
+    outputs. Small calls keep every prompt token's cells and outputs independent of what else the cache holds, so
+    a prompt served next to others gives what it gives alone (about 5% slower than chunks of 512 here)."""
+    return [(start, min(start + EXACT_BATCH, n)) for start in range(0, n, EXACT_BATCH)]
 
-    They are chunks of n_batch, the last one split into a silent part and TILED_BATCH tokens with outputs when
-    both parts stay on the tiled attention path (>= TILED_BATCH tokens). Every token is then decoded on the same
-    path as in plain chunks of n_batch, so the KV cache and the last token's outputs are bit-identical to those.
-    """
-    spans = [(start, min(start + n_batch, n)) for start in range(0, n, n_batch)]
-    start, stop = spans[-1]
-    if stop - start >= 2 * TILED_BATCH:
-        spans[-1:] = [(start, stop - TILED_BATCH), (stop - TILED_BATCH, stop)]
-    return spans
+
+def tree_leaves(parents: Sequence[int]) -> list[int]:
+    """The nodes no other node has as parent."""
+    is_leaf = [True] * len(parents)
+    for p in parents:
+        if p >= 0:
+            is_leaf[p] = False
+    return [i for i, leaf in enumerate(is_leaf) if leaf]
+
+
+def tree_sequences(parents: Sequence[int], leaf_ids: Sequence[int]) -> list[list[int]]:
+    """The sequence ids of each node: those of the leaves below it, leaf k (tree_leaves order) being leaf_ids[k]."""
+    seq_sets: list[list[int]] = [[] for _ in parents]
+    for seq, leaf in zip(leaf_ids, tree_leaves(parents)):
+        for node in path_to(parents, leaf):
+            seq_sets[node].append(seq)
+    return seq_sets
 
 
 # KV cache element types by name (ggml_type ids, ggml.h).
@@ -223,7 +264,8 @@ def path_to(parents: Sequence[int], node: int) -> list[int]:
 
 
 class Backend:
-    """One llama.cpp model and context. Not thread-safe: use one Backend per thread."""
+    """One llama.cpp model and context. Not thread-safe: one thread at a time (batching.py serves many requests
+    from one Backend through one thread at a time)."""
 
     def __init__(
         self,
@@ -232,16 +274,24 @@ class Backend:
         n_batch: int = DEFAULT_N_BATCH,
         flash_attn: bool = True,
         streams: int = 0,
+        slots: int = 1,
     ) -> None:
         """`streams` > 0 builds a context for that many independent sequences (`greedy_batch`), each with its own
-        n_ctx / streams cells: attention then skips the other streams' cells. Such a context cannot decode trees."""
+        n_ctx / streams cells: attention then skips the other streams' cells. Such a context cannot decode trees.
+        `slots` texts of up to n_ctx tokens each share one unified cache (`states`, `decode_batch`)."""
         self._model = self._ctx = self._batch = None  # close() may run after a failed __init__
         self.settings = settings
         self.model_path: Path = resolve_model_path(settings.base_model_path)
         self.info: GGUFInfo = inspect_gguf(self.model_path)
         self.n_batch = n_batch
         self.streams = streams
-        self.n_seq_max = streams or N_SEQ_MAX
+        if not 1 <= slots <= MAX_SLOTS:
+            raise ValueError(f"slots={slots}: a context holds 1 to {MAX_SLOTS} texts")
+        self.slots = slots
+        # sequence ids: the texts 0..slots-1, then the leaves of pending trees, then the trash
+        self.n_seq_max = streams or min(LLAMA_MAX_SEQ, slots + max(MAX_TREE_LEAVES, 8 * slots) + 1)
+        self.trash_seq = self.n_seq_max - 1
+        self._free_leaves = deque(range(slots, self.trash_seq))
         if n_batch < self.n_seq_max:  # llama.cpp reserves one output per sequence and aborts the process otherwise
             raise ValueError(f"n_batch={n_batch} is below the context's {self.n_seq_max} sequences; it must be at least "
                              f"{self.n_seq_max}")
@@ -250,9 +300,9 @@ class Backend:
         self._load_model()
         on_cpu = settings.n_gpu_layers == 0 or not lc.llama_supports_gpu_offload()
         self.kv_type, self.kv_reason = resolve_kv_type(settings.kv_type, on_cpu)
+        self._states = [SeqState(s) for s in range(slots)]
+        self._main = self._states[0]
         self._new_context()
-        self.n_past = 0
-        self._tree: _PendingTree | None = None
         self.taps: tuple[int, ...] = ()  # layers whose inputs every decode returns (tap_layers)
         self._taps_fn = None
         log.info(
@@ -286,8 +336,9 @@ class Backend:
 
     def _new_context(self) -> None:
         params = lc.llama_context_default_params()
-        # The user-visible window is settings.n_ctx; the slack cells hold trash until the next compaction.
-        params.n_ctx = self.settings.n_ctx + (0 if self.streams else max(128, self.settings.n_ctx // 8))
+        # The user-visible window is settings.n_ctx per text; the slack cells hold trash until the next compaction.
+        cells = self.settings.n_ctx * self.slots
+        params.n_ctx = cells + (0 if self.streams else max(128, cells // 8))
         params.n_batch = self.n_batch
         params.n_ubatch = self.n_batch
         params.n_seq_max = self.n_seq_max
@@ -306,7 +357,8 @@ class Backend:
         self._mem = lc.llama_get_memory(self._ctx)
         self.n_ctx = self.settings.n_ctx
         self._n_cells = lc.llama_n_ctx(self._ctx)
-        self._trash = 0  # cells held by TRASH_SEQ
+        self._used = 0  # cells from the start of the cache up to the last used one (texts, trash, pending trees)
+        self._calls = 0  # decode_batch calls so far
         self.compactions = 0
         self._batch = lc.llama_batch_init(self.n_batch, 0, self.n_seq_max)
 
@@ -445,53 +497,233 @@ class Backend:
             out[:, k * w : (k + 1) * w] = np.ctypeslib.as_array(ptr, shape=(n_tokens, w))
         return out
 
-    def _make_room(self, n_new: int, n_cells: int) -> None:
-        """Check the user-visible window for `n_new` positions; compact if `n_cells` cells would not fit."""
-        if self.n_past + n_new > self.n_ctx:
+    # -- the texts in the cache ------------------------------------------------------------------------------
+
+    @property
+    def n_past(self) -> int:
+        """Tokens of the main text (slot 0), the one the single-text methods below decode."""
+        return self._main.n_past
+
+    @property
+    def states(self) -> tuple[SeqState, ...]:
+        """One per slot: state s is the text of sequence s."""
+        return tuple(self._states)
+
+    def check_room(self, state: SeqState, n_new: int) -> None:
+        """ContextLengthError unless `n_new` more positions fit this text's window."""
+        if state.n_past + n_new > self.n_ctx:
             raise ContextLengthError(
-                f"{self.n_past} tokens in context + {n_new} new = {self.n_past + n_new} exceeds n_ctx={self.n_ctx} "
+                f"{state.n_past} tokens in context + {n_new} new = {state.n_past + n_new} exceeds n_ctx={self.n_ctx} "
                 f"(raise N_CTX, up to the model's training context {self.n_ctx_train})"
             )
-        if self.n_past + self._trash + n_cells > self._n_cells:
-            self._compact()
+
+    def _make_room(self, n_cells: int) -> None:
+        """Compact when `n_cells` more cells would not fit after the last used one."""
+        if self._used + n_cells <= self._n_cells:
+            return
+        if any(st.tree is not None for st in self._states):
+            raise BackendError("the KV cache is full and a tree is still waiting for its commit; commit first")
+        self._compact()
 
     def _compact(self) -> None:
-        """Drop the trash: save seq 0, clear the cache, restore seq 0 into contiguous cells (order kept)."""
-        size = lc.llama_state_seq_get_size(self._ctx, 0)
-        buf = (ctypes.c_uint8 * size)()
-        written = lc.llama_state_seq_get_data(self._ctx, buf, size, 0)
+        """Drop the trash: save every text, clear the cache, restore them into contiguous cells (order kept)."""
+        saved = []
+        for st in self._states:
+            if st.n_past:
+                size = lc.llama_state_seq_get_size(self._ctx, st.seq)
+                buf = (ctypes.c_uint8 * size)()
+                saved.append((st, buf, lc.llama_state_seq_get_data(self._ctx, buf, size, st.seq)))
+        trash = self._used - sum(st.n_past for st in self._states)
         lc.llama_memory_clear(self._mem, True)
-        if written == 0 or lc.llama_state_seq_set_data(self._ctx, buf, written, 0) == 0:
-            self.n_past = 0
-            raise BackendError(f"KV compaction failed: {_recent_llama_errors()}; the context was reset")
-        log.debug("compacted the KV cache: %d trash cells freed, %d tokens kept", self._trash, self.n_past)
-        self._trash = 0
+        self._used = 0
+        for st, buf, written in saved:
+            if written == 0 or lc.llama_state_seq_set_data(self._ctx, buf, written, st.seq) == 0:
+                self.reset()
+                raise BackendError(f"KV compaction failed: {_recent_llama_errors()}; the context was reset")
+            self._used += st.n_past
+        log.debug("compacted the KV cache: %d trash cells freed, %d texts kept", trash, len(saved))
         self.compactions += 1
 
     def reset(self) -> None:
-        """Forget everything: empty KV cache, n_past = 0."""
+        """Forget everything: empty KV cache, every text empty."""
         lc.llama_memory_clear(self._mem, True)
-        self.n_past = 0
-        self._trash = 0
-        self._tree = None
+        for st in self._states:
+            st.n_past, st.tree = 0, None
+        self._used = 0
+
+    def release(self, state: SeqState) -> None:
+        """Empty one text. Its cells join the trash (a hole would break the others' cell order), unless no other
+        text holds any: then the cache is simply cleared."""
+        self._discard(state)
+        if not any(st.n_past or st.tree for st in self._states if st is not state):
+            self.reset()
+            return
+        if state.n_past:
+            lc.llama_memory_seq_cp(self._mem, state.seq, self.trash_seq, -1, -1)
+            lc.llama_memory_seq_rm(self._mem, state.seq, -1, -1)
+        state.n_past = 0
+
+    def decode_batch(self, works: Sequence[Work]) -> list[DecodeOutput | None]:
+        """One llama_decode for several texts' chains and trees (at most EXACT_BATCH tokens when cells are kept for
+        later steps, so each row's results are those it gets alone); per work its outputs (None for a chain
+        with outputs "none"). A call where no work wants outputs runs silently: no lm_head, embeddings off.
+        With layer taps on, each output carries the features of every one of its tokens."""
+        if not works:
+            return []
+        seen: set[int] = set()
+        rows: list[tuple[int, int, Sequence[int]]] = []  # token, position, sequence ids
+        trees: list[tuple[SeqState, tuple, tuple, list[int], list[int]]] = []
+        taken: list[int] = []  # leaf ids of this call's trees, given back if it fails
+        try:
+            return self._decode_batch(works, seen, rows, trees, taken)
+        except BaseException:
+            self._free_leaves.extend(taken)
+            for st, *_ in trees:
+                st.tree = None
+            raise
+
+    @property
+    def free_leaves(self) -> int:
+        """Leaf sequences free for the trees of the next calls (pending trees hold theirs until their commit)."""
+        return len(self._free_leaves)
+
+    def _take_leaves(self, n: int, taken: list[int]) -> list[int]:
+        if n > len(self._free_leaves):
+            raise ValueError(f"a tree with {n} leaves: only {len(self._free_leaves)} leaf sequences are free "
+                             f"(pending trees hold the others until their commit)")
+        ids = [self._free_leaves.popleft() for _ in range(n)]
+        taken.extend(ids)
+        return ids
+
+    def _decode_batch(self, works, seen, rows, trees, taken) -> list[DecodeOutput | None]:
+        for w in works:
+            st = w.state
+            if st.seq in seen:
+                raise ValueError(f"two works for text {st.seq} in one call")
+            seen.add(st.seq)
+            self._discard(st)
+            if not w.tokens:
+                raise ValueError("a work without tokens")
+            if w.parents is None:
+                self.check_room(st, len(w.tokens))
+                rows += [(t, st.n_past + i, (st.seq,)) for i, t in enumerate(w.tokens)]
+                continue
+            if self.streams:
+                raise BackendError("this backend was built for independent streams (greedy_batch); it cannot "
+                                   "decode trees")
+            if not self.flash_attn:
+                raise BackendError(
+                    "tree decoding needs flash attention: without it llama.cpp's CPU matmuls are not batch-invariant, "
+                    "so a tree node would not reproduce plain decoding"
+                )
+            if len(w.tokens) != len(w.parents):
+                raise ValueError(f"a tree needs as many parents as tokens (got {len(w.tokens)} and {len(w.parents)})")
+            depths = tree_depths(w.parents)
+            self.check_room(st, max(depths) + 1)
+            n_leaves = len(tree_leaves(w.parents))
+            if n_leaves > MAX_TREE_LEAVES:
+                raise ValueError(f"a tree with {n_leaves} leaves exceeds the limit of {MAX_TREE_LEAVES}")
+            leaves = self._take_leaves(n_leaves, taken)
+            seq_sets = tree_sequences(w.parents, leaves)
+            trees.append((st, tuple(w.parents), tuple(depths), [s[0] for s in seq_sets], leaves))
+            rows += [(t, st.n_past + d, s) for t, d, s in zip(w.tokens, depths, seq_sets)]
+        if len(rows) > min(self.n_batch, EXACT_BATCH if trees else self.n_batch):
+            raise ValueError(f"{len(rows)} tokens in one call exceed the limit of "
+                             f"{EXACT_BATCH if trees else self.n_batch}")
+        self._make_room(len(rows))
+        for st, *_, leaves in trees:
+            for seq in leaves:
+                lc.llama_memory_seq_cp(self._mem, st.seq, seq, -1, -1)
+        silent = all(w.parents is None and w.outputs == "none" for w in works)
+        if silent:
+            self._run_silent([r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows])
+        else:
+            self._fill_batch([r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows])
+            try:
+                self._run_batch(len(rows))
+            except BackendError:
+                for seq in taken:
+                    lc.llama_memory_seq_rm(self._mem, seq, -1, -1)
+                raise
+        self._used += len(rows)
+        self._calls += 1
+        features = self._read_taps(len(rows))
+        results: list[DecodeOutput | None] = []
+        row, tree_of = 0, {id(t[0]): t for t in trees}
+        for k, w in enumerate(works):
+            n, st = len(w.tokens), w.state
+            if w.parents is not None:
+                _, parents, depths, leaf_seq, leaves = tree_of[id(st)]
+                st.tree = _PendingTree(parents, depths, tuple(leaf_seq), tuple(leaves), self._calls,
+                                       at_end=k == len(works) - 1)
+            else:
+                st.n_past += n
+            wanted = {"all": range(row, row + n), "last": range(row + n - 1, row + n)}.get(
+                "all" if w.parents is not None else w.outputs)
+            feats = features[row : row + n] if features is not None else None
+            results.append(None if wanted is None or silent else DecodeOutput(
+                logits=self._rows(lc.llama_get_logits, wanted, self.n_vocab),
+                hidden=self._rows(lc.llama_get_embeddings, wanted, self.n_embd), features=feats))
+            if wanted is None and feats is not None:
+                results[-1] = DecodeOutput(np.empty((0, 0), np.float32), np.empty((0, 0), np.float32), feats)
+            row += n
+        return results
+
+    def _rows(self, getter, rows: range, width: int) -> np.ndarray:
+        """Rows of the last call's output buffer (every row is an output when embeddings are on)."""
+        return np.ctypeslib.as_array(getter(self._ctx), shape=(rows.stop, width))[rows.start :].copy()
+
+    def commit_seq(self, state: SeqState, node: int) -> int:
+        """Keep the root-to-`node` path of the text's last tree and discard the rest; -1 keeps nothing.
+
+        Returns the number of tokens committed. Discarded nodes join the trash, except those after the last kept
+        one when the tree's cells are still the cache's last ones: those are freed."""
+        tree = state.tree
+        if tree is None:
+            raise BackendError("commit() needs a decode_tree() first")
+        if not -1 <= node < len(tree.parents):
+            raise ValueError(f"node {node} is not in the tree of {len(tree.parents)} nodes")
+        kept = path_to(tree.parents, node) if node >= 0 else []
+        if kept:
+            lc.llama_memory_seq_cp(self._mem, tree.leaf_seq[node], state.seq, state.n_past, state.n_past + len(kept))
+        at_end = tree.at_end and tree.call == self._calls
+        last_kept = kept[-1] if kept else -1
+        kept_set = set(kept)
+        for i in range(len(tree.parents) if not at_end else last_kept):
+            if i not in kept_set:  # batch order is cell order: such a node's cell lies before a kept one
+                pos = state.n_past + tree.depths[i]
+                lc.llama_memory_seq_cp(self._mem, tree.leaf_seq[i], self.trash_seq, pos, pos + 1)
+        if at_end:
+            self._used -= len(tree.parents) - 1 - last_kept
+        self._discard(state)
+        state.n_past += len(kept)
+        return len(kept)
+
+    def _discard(self, state: SeqState) -> None:
+        """Drop the leaf sequences of the text's pending tree (cells only they hold are freed)."""
+        if state.tree is not None:
+            for seq in state.tree.leaves:
+                lc.llama_memory_seq_rm(self._mem, seq, -1, -1)
+            self._free_leaves.extend(state.tree.leaves)
+            state.tree = None
+
+    # -- one text: the main one ------------------------------------------------------------------------------
 
     def prefill(self, tokens: Sequence[int]) -> DecodeOutput:
         """Start a new text: clear the cache, decode `tokens` into seq 0; return the LAST token's outputs (and, with
-        layer taps on, the features of EVERY token).
-
-        Only the last call (at most 2 * TILED_BATCH - 1 tokens) outputs anything, bit-identical to `append` chunks."""
+        layer taps on, the features of EVERY token). Only the last call (prefill_spans) outputs anything."""
         if not tokens:
             raise ValueError("cannot prefill an empty prompt")
         if len(tokens) > self.n_ctx:
             raise ContextLengthError(f"prompt of {len(tokens)} tokens exceeds the context window n_ctx={self.n_ctx}")
         self.reset()
-        *silent, (start, stop) = prefill_spans(len(tokens), self.n_batch)
+        *silent, (start, stop) = prefill_spans(len(tokens))
         features = []
         for a, b in silent:
-            self._decode_silent(tokens[a:b])
-            features.append(self._read_taps(b - a))
-        out = self.append(tokens[start:stop])
-        return DecodeOutput(logits=out.logits[-1:], hidden=out.hidden[-1:],
+            (out,) = self.decode_batch([Work(self._main, tokens[a:b], outputs="none")])
+            features.append(out.features if out is not None else None)
+        (out,) = self.decode_batch([Work(self._main, tokens[start:stop], outputs="last")])
+        return DecodeOutput(logits=out.logits, hidden=out.hidden,
                             features=np.concatenate(features + [out.features]) if self.taps else None)
 
     def decode_taps(self, tokens: Sequence[int], positions: Sequence[int],
@@ -503,12 +735,6 @@ class Backend:
             raise BackendError("decode_taps needs layer taps on (tap_layers)")
         self._run_silent(tokens, positions, seqs)
         return self._read_taps(len(tokens))
-
-    def _decode_silent(self, tokens: Sequence[int]) -> None:
-        """Decode a chain onto seq 0 with no outputs. The KV cells are those `append` would write."""
-        self._make_room(len(tokens), len(tokens))
-        self._run_silent(tokens, range(self.n_past, self.n_past + len(tokens)), [(0,)] * len(tokens))
-        self.n_past += len(tokens)
 
     def _run_silent(self, tokens: Sequence[int], positions: Sequence[int], seqs: Sequence[tuple[int, ...]]) -> None:
         """One call with no outputs: embeddings off (they force an output per token) and no token marked for
@@ -524,18 +750,9 @@ class Backend:
 
     def append(self, tokens: Sequence[int]) -> DecodeOutput:
         """Decode a chain of tokens onto seq 0 and keep it; outputs for every token."""
-        self._discard_tree()
-        return self._decode_chain(tokens)
-
-    def _decode_chain(self, tokens: Sequence[int], *, want_logits: bool = True) -> DecodeOutput:
-        self._make_room(len(tokens), len(tokens))
         if len(tokens) > self.n_batch:
             raise ValueError(f"{len(tokens)} tokens exceed the batch size {self.n_batch}; split them")
-        positions = range(self.n_past, self.n_past + len(tokens))
-        self._fill_batch(tokens, positions, [(0,)] * len(tokens))
-        out = self._decode(len(tokens), want_logits=want_logits)
-        self.n_past += len(tokens)
-        return out
+        return self.decode_batch([Work(self._main, tokens)])[0]
 
     def decode_tree(self, tokens: Sequence[int], parents: Sequence[int]) -> DecodeOutput:
         """Decode a token tree after the committed prefix, in one llama_decode call.
@@ -547,78 +764,26 @@ class Backend:
             raise ValueError(f"a tree needs as many parents as tokens (got {len(tokens)} and {len(parents)})")
         if len(tokens) > EXACT_BATCH:
             raise ValueError(f"a tree of {len(tokens)} nodes exceeds the limit of {EXACT_BATCH}")
-        if self.streams:
-            raise BackendError("this backend was built for independent streams (greedy_batch); it cannot decode trees")
-        if not self.flash_attn:
-            raise BackendError(
-                "tree decoding needs flash attention: without it llama.cpp's CPU matmuls are not batch-invariant, "
-                "so a tree node would not reproduce plain decoding"
-            )
-        self._discard_tree()
-        depths = tree_depths(parents)
-        self._make_room(max(depths) + 1, len(tokens))
-        is_leaf = [True] * len(tokens)
-        for p in parents:
-            if p >= 0:
-                is_leaf[p] = False
-        leaves = [i for i, leaf in enumerate(is_leaf) if leaf]
-        if len(leaves) > MAX_TREE_LEAVES:
-            raise ValueError(f"a tree with {len(leaves)} leaves exceeds the limit of {MAX_TREE_LEAVES}")
-        seq_sets: list[list[int]] = [[] for _ in tokens]
-        for seq, leaf in enumerate(leaves, start=1):
-            for node in path_to(parents, leaf):
-                seq_sets[node].append(seq)
-        for seq in range(1, len(leaves) + 1):
-            lc.llama_memory_seq_cp(self._mem, 0, seq, -1, -1)
-        self._tree = _PendingTree(
-            parents=tuple(parents), depths=tuple(depths), leaf_seq=tuple(s[0] for s in seq_sets), n_leaves=len(leaves)
-        )
-        self._fill_batch(tokens, [self.n_past + d for d in depths], seq_sets)
-        try:
-            return self._decode(len(tokens))
-        except BackendError:
-            self._discard_tree()
-            raise
+        return self.decode_batch([Work(self._main, tokens, parents)])[0]
 
     def commit(self, node: int) -> int:
         """Keep the root-to-`node` path of the last tree in seq 0 and discard the rest; -1 keeps nothing.
 
         Returns the number of tokens committed.
         """
-        tree = self._tree
-        if tree is None:
-            raise BackendError("commit() needs a decode_tree() first")
-        if not -1 <= node < len(tree.parents):
-            raise ValueError(f"node {node} is not in the tree of {len(tree.parents)} nodes")
-        kept = path_to(tree.parents, node) if node >= 0 else []
-        n_kept = len(kept)
-        if kept:
-            lc.llama_memory_seq_cp(self._mem, tree.leaf_seq[node], 0, self.n_past, self.n_past + n_kept)
-            # Batch order is cell order: a discarded node before the last kept one would leave a hole.
-            kept_set = set(kept)
-            for i in range(kept[-1]):
-                if i not in kept_set:
-                    pos = self.n_past + tree.depths[i]
-                    lc.llama_memory_seq_cp(self._mem, tree.leaf_seq[i], TRASH_SEQ, pos, pos + 1)
-                    self._trash += 1
-        self._discard_tree()
-        self.n_past += n_kept
-        return n_kept
-
-    def _discard_tree(self) -> None:
-        if self._tree is not None:
-            for seq in range(1, self._tree.n_leaves + 1):
-                lc.llama_memory_seq_rm(self._mem, seq, -1, -1)
-            self._tree = None
+        return self.commit_seq(self._main, node)
 
     def rollback(self, n_past: int) -> None:
-        """Forget committed tokens at positions >= n_past."""
-        if not 0 <= n_past <= self.n_past:
-            raise ValueError(f"cannot roll back to {n_past}: the context holds {self.n_past} tokens")
-        self._discard_tree()
-        if not lc.llama_memory_seq_rm(self._mem, 0, n_past, -1):
+        """Forget committed tokens at positions >= n_past (their cells join the trash)."""
+        st = self._main
+        if not 0 <= n_past <= st.n_past:
+            raise ValueError(f"cannot roll back to {n_past}: the context holds {st.n_past} tokens")
+        self._discard(st)
+        if n_past < st.n_past:
+            lc.llama_memory_seq_cp(self._mem, st.seq, self.trash_seq, n_past, -1)
+        if not lc.llama_memory_seq_rm(self._mem, st.seq, n_past, -1):
             raise BackendError(f"llama.cpp refused to remove positions >= {n_past}")
-        self.n_past = n_past
+        st.n_past = n_past
 
     def extract_hidden(self, sequences: Sequence[Sequence[int]]) -> list[np.ndarray]:
         """Final hidden states [len(seq), n_embd] for every token of every sequence, many sequences per call.
@@ -722,10 +887,7 @@ class Backend:
     def _extract_group(self, sequences: Sequence[Sequence[int]], group: list[int], results: list) -> None:
         if len(group) == 1 and len(sequences[group[0]]) > EXACT_BATCH:
             seq = sequences[group[0]]
-            chunks = [
-                self._decode_chain(seq[s : s + EXACT_BATCH], want_logits=False).hidden
-                for s in range(0, len(seq), EXACT_BATCH)
-            ]
+            chunks = [self.append(seq[s : s + EXACT_BATCH]).hidden for s in range(0, len(seq), EXACT_BATCH)]
             results[group[0]] = np.concatenate(chunks)
             self.reset()
             return

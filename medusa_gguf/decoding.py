@@ -24,6 +24,10 @@ from .tree import Tree, TreeSchedule, build_tree, n_leaves
 log = logging.getLogger(__name__)
 
 
+class Cancelled(Exception):
+    """The caller's cancel check turned true while a decode waited for its turn (batching.Slot)."""
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int = 128
@@ -207,12 +211,13 @@ class DraftSession(Protocol):
     `propose` returns a tree rooted at `pending` (tokens[0] == pending, the token the base model chose last) of at
     most `max_depth` levels, for the base model to verify at `context` tokens of context; depth 0 means a plain
     step. `accept` is told the deepest accepted node and the verification call's outputs (the path root..node
-    is now committed), so the drafter can read the states it conditions on next.
+    is now committed), so the drafter can read the states it conditions on next. `load`: how many requests share
+    the verification call (batching.Slot.load; 1 on a Backend of its own).
     """
 
     depth: int  # the deepest level it drafts: stats.accepted_per_depth has this many entries
 
-    def propose(self, pending: int, context: int, max_depth: int) -> tuple[Tree, list[int]]: ...
+    def propose(self, pending: int, context: int, max_depth: int, load: int = 1) -> tuple[Tree, list[int]]: ...
 
     def accept(self, tree: Tree, tokens: list[int], node: int, out: DecodeOutput) -> None: ...
 
@@ -229,8 +234,8 @@ class HeadsSession:
         self.depth = self.schedule.depth
         self.cut: dict[tuple[Tree, int], Tree] = {}  # trees cut to a smaller depth near max_tokens or the context end
 
-    def _tree(self, context: int, max_depth: int) -> Tree:
-        full = self.schedule.tree_at(context)
+    def _tree(self, context: int, max_depth: int, load: int = 1) -> Tree:
+        full = self.schedule.tree_at(context, load)
         depth = max(0, min(full.depth, max_depth))
         if depth == full.depth:
             return full
@@ -238,8 +243,8 @@ class HeadsSession:
             self.cut[full, depth] = build_tree(c for c in full.choices if len(c) <= depth)
         return self.cut[full, depth]
 
-    def propose(self, pending: int, context: int, max_depth: int) -> tuple[Tree, list[int]]:
-        tree = self._tree(context, max_depth)
+    def propose(self, pending: int, context: int, max_depth: int, load: int = 1) -> tuple[Tree, list[int]]:
+        tree = self._tree(context, max_depth, load)
         if tree.depth == 0:  # a plain step: the heads have nothing to guess
             return tree, [pending]
         return tree, self.heads.draft(self.hidden, pending, tree)
@@ -273,7 +278,8 @@ class SpeculativeStepper:
         context = self.backend.n_past
         room = self.backend.n_ctx - context  # positions left, the root's included
         drafting = self.guard is None or self.guard.use_tree()
-        tree, tokens = self.drafter.propose(self.pending, context, min(budget - 1, room - 1) if drafting else 0)
+        tree, tokens = self.drafter.propose(self.pending, context, min(budget - 1, room - 1) if drafting else 0,
+                                            getattr(self.backend, "load", 1))
         t1 = time.perf_counter()
         self.stats.time_heads_s += t1 - t0
         if tree.depth == 0:  # a plain step, as cheap as plain decoding's own
@@ -395,6 +401,7 @@ def generate(
     tree: Tree | TreeSchedule | None = None,
     guard: AcceptanceGuard | None = None,
     drafter=None,
+    cancelled: Callable[[], bool] | None = None,
 ) -> Iterator[str]:
     """Yield the text pieces of the completion of `prompt_tokens`; fill `result` (if given) as it goes.
 
@@ -402,13 +409,18 @@ def generate(
     `session(prompt_tokens, prefill)` returns a DraftSession, e.g. eagle3_draft.Eagle3Drafting) drafts its own
     trees; otherwise decoding is plain. A `guard`
     (fresh per request) turns drafting off for a while when the tree's acceptance falls below its cost.
-    Closing the generator early (a client went away) stops decoding at once.
+    Closing the generator early (a client went away) stops decoding at once; so does `cancelled()` turning true,
+    checked before every step, so text held back by the stop-string scanner does not keep a lost request running
+    (the result's finish_reason stays None).
     """
     result = result if result is not None else GenerationResult()
     stats = result.stats
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     scanner = _StopScanner(params.stop)
-    prefill = backend.prefill(prompt_tokens)
+    try:
+        prefill = backend.prefill(prompt_tokens)
+    except Cancelled:
+        return
     stepper: Stepper
     if drafter is not None:
         stepper = SpeculativeStepper(backend, prefill, params, stats, drafter.session(prompt_tokens, prefill), guard)
@@ -419,10 +431,15 @@ def generate(
     t0 = time.perf_counter()
     try:
         while result.finish_reason is None:
+            if cancelled is not None and cancelled():
+                return
             if backend.n_past >= backend.n_ctx:  # no room left for the pending token
                 result.finish_reason = "length"
                 break
-            new_tokens = stepper.step(params.max_tokens - len(result.tokens))
+            try:
+                new_tokens = stepper.step(params.max_tokens - len(result.tokens))
+            except Cancelled:
+                return
             stats.steps += 1
             stats.tokens += len(new_tokens)
             for token in new_tokens:

@@ -199,7 +199,7 @@ class Eagle3Session:
 
     # -- DraftSession --------------------------------------------------------------------------------------
 
-    def propose(self, pending: int, context: int, max_depth: int) -> tuple[Tree, list[int]]:
+    def propose(self, pending: int, context: int, max_depth: int, load: int = 1) -> tuple[Tree, list[int]]:
         if context != len(self.tokens):
             raise RuntimeError(f"the drafter follows {len(self.tokens)} committed tokens, the target holds {context}")
         params = self.schedule.at(context)

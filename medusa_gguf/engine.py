@@ -2,7 +2,8 @@
 EAGLE-3 drafter) and the trees it drafts.
 
 Callers (CLI, server, benchmark) build an Engine from Settings and call `generate`. An Engine is not
-thread-safe; the server keeps one per parallel slot.
+thread-safe; the server builds one with `slots=N_PARALLEL` and serves each request on one of its `views()`, which
+batch their decodes together (batching.py).
 
 Choosing how to decode, in order:
 1. TREE=plain: plain decoding.
@@ -52,6 +53,7 @@ SHIPPED_HEADS = SHIPPED_DEPENDENT_HEADS  # used when MEDUSA_WEIGHTS_PATH is abse
 SHIPPED_EAGLE3 = ASSETS / "smollm2-135m-instruct-q4_1.eagle3.gguf"  # an exported EAGLE-3 drafter, bound by SHA-256
 CALIBRATION_SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 63)
 NAMED_TREES = {"default": DEFAULT_CHOICES, "wide": WIDE_CHOICES}
+LOAD_LEVELS = (2, 4, 8, 16, 32, 64, 128)  # requests per call at which a calibrated tree is sized again
 
 
 @dataclass(frozen=True)
@@ -84,11 +86,11 @@ class DecodingPlan:
         costs = self.costs
         return AcceptanceGuard(lambda context: costs.plain(context) / 1e3)
 
-    def generate(self, backend: Backend, prompt_tokens: Sequence[int], params: SamplingParams,
-                 result: GenerationResult) -> Iterator[str]:
-        """decoding.generate with this plan's drafter, tree and a fresh guard."""
+    def generate(self, backend, prompt_tokens: Sequence[int], params: SamplingParams,
+                 result: GenerationResult, cancelled=None) -> Iterator[str]:
+        """decoding.generate with this plan's drafter, tree and a fresh guard (`backend`: a Backend or a Slot)."""
         return generate(backend, prompt_tokens, params, result, heads=self.heads, tree=self.tree,
-                        guard=self.guard(), drafter=self.eagle3)
+                        guard=self.guard(), drafter=self.eagle3, cancelled=cancelled)
 
     def close(self) -> None:
         if self.eagle3 is not None:
@@ -96,12 +98,25 @@ class DecodingPlan:
 
 
 class Engine:
-    def __init__(self, settings: Settings, *, backend: Backend | None = None) -> None:
+    def __init__(self, settings: Settings, *, backend: Backend | None = None, slots: int = 1) -> None:
+        """`slots` > 1: one context holding that many texts, served through `views()` (batching.py)."""
         self.settings = settings
-        self.backend = backend or Backend(settings)
+        self.backend = backend or Backend(settings, slots=slots)
         self.model_name = self.backend.model_path.name
         self.plan = plan_decoding(self.backend, settings)
+        if self.plan.eagle3 is not None and self.backend.slots > 1:
+            # one drafter context follows one request's text (eagle3_draft.Eagle3Session)
+            first = self.plan
+            first.close()
+            self.plan = plan_decoding(self.backend, settings, drafter="heads")
+            if self.plan.eagle3 is not None:  # MEDUSA_WEIGHTS_PATH names the EAGLE-3 drafter itself
+                self.plan.close()
+                self.plan = DecodingPlan(None, None, f"plain decoding: {first.label} drafts for one request at a "
+                                         f"time, and {self.backend.slots} slots were asked for (N_PARALLEL)")
+            log.warning("%s drafts for one request at a time; with %d slots: %s", first.label, self.backend.slots,
+                        self.plan.reason)
         log.info("decoding: %s", self.plan.reason)
+        self._views: list[EngineSlot] | None = None
         # Greedy Medusa output equals plain decoding only where llama.cpp's outputs do not depend on the batch:
         # measured here, at start, rather than assumed (another backend, weight type or build may differ).
         self.exactness = check_exactness(self.backend) if self.plan.drafting else None
@@ -133,20 +148,52 @@ class Engine:
 
     def generate(
         self, prompt_tokens: Sequence[int], params: SamplingParams, result: GenerationResult | None = None,
-        *, plain: bool = False,
+        *, plain: bool = False, backend=None, cancelled=None,
     ) -> Iterator[str]:
-        """Stream the completion's text pieces; `result` receives tokens, finish_reason and stats."""
+        """Stream the completion's text pieces; `result` receives tokens, finish_reason and stats. `backend`: a
+        Slot of `views()` instead of the engine's own Backend; `cancelled()` true stops before the next step."""
         result = result if result is not None else GenerationResult()
+        target = backend if backend is not None else self.backend
         if plain or not self.plan.drafting:
             result.stats.reason = "plain decoding requested" if plain else self.plan.reason
-            return generate(self.backend, prompt_tokens, params, result)
+            return generate(target, prompt_tokens, params, result, cancelled=cancelled)
         result.stats.reason = self.plan.reason
         result.stats.exact = self.exactness.exact if self.exactness is not None else None
-        return self.plan.generate(self.backend, prompt_tokens, params, result)
+        return self.plan.generate(target, prompt_tokens, params, result, cancelled)
+
+    def views(self) -> list["EngineSlot"]:
+        """One engine-like view per slot, each serving one request at a time; their decodes share rounds. The
+        engine's own `generate` must not run while they serve (the Backend's texts belong to the views then)."""
+        if self._views is None:
+            from .batching import Batcher
+
+            self.batcher = Batcher(self.backend)
+            self._views = [EngineSlot(self, slot) for slot in self.batcher.slots]
+        return self._views
 
     def close(self) -> None:
         self.plan.close()
         self.backend.close()
+
+
+class EngineSlot:
+    """What the server lends a request: the engine's model, tokenizer and plan, decoding on one slot."""
+
+    def __init__(self, engine: Engine, slot) -> None:
+        self.engine, self.slot = engine, slot
+        self.model_name, self.n_ctx = engine.model_name, engine.n_ctx
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.engine.tokenize(text)
+
+    def chat_prompt(self, messages: Sequence[dict[str, str]]) -> list[int]:
+        return self.engine.chat_prompt(messages)
+
+    def generate(self, prompt_tokens: Sequence[int], params: SamplingParams, result: GenerationResult | None = None,
+                 *, cancelled=None) -> Iterator[str]:
+        """Engine.generate on this slot; the slot counts as busy until the generator is exhausted or closed."""
+        with self.slot.serving(cancelled):
+            yield from self.engine.generate(prompt_tokens, params, result, backend=self.slot, cancelled=cancelled)
 
 
 def plan_decoding(backend: Backend, settings: Settings, *, tree: str | None = None,
@@ -226,8 +273,26 @@ def _plan_heads(backend: Backend, settings: Settings, path: Path, tree_setting: 
     if schedule.depth == 0:
         return DecodingPlan(None, None, f"plain decoding: no tree beats plain decoding on this machine "
                             f"({where}; {label})", path, cals[0][1], cals, costs, label=label)
+    loaded, under = [], []
+    for load in (n for n in LOAD_LEVELS if n <= backend.slots):
+        trees = tuple(calibrate_tree(accuracy, _loaded_step_ms(costs, c, load, drafts), max_depth=max_depth,
+                                     max_nodes=EXACT_BATCH).tree for c in costs.contexts)
+        loaded.append((load, TreeSchedule(bounds, trees)))
+        under.append(f"{load} requests: " + ("plain" if not max(t.depth for t in trees) else
+                                            "/".join(str(t.n_nodes) for t in trees) + " nodes"))
+    if loaded:
+        schedule = replace(schedule, loaded=tuple(loaded))
+        where += f"; sharing each call with others (by context length): {', '.join(under)}"
     return DecodingPlan(heads, schedule, f"{label}, calibrated by context length: {where}", path, cals[0][1], cals,
                         costs, drafts, label=label)
+
+
+def _loaded_step_ms(costs: StepCosts, context: int, load: int, drafts: "DraftCosts"):
+    """The milliseconds of a round of `load` requests that all draft this tree (they share one calibration), their
+    steps in one call (batching.py), their drafts one after another on the same cores; plain: `load` tokens. A
+    request's speed relative to plain decoding is then its expected tokens per step times plain's round / this."""
+    return lambda tree: (costs.tree(load * tree.n_nodes, load * (n_leaves(tree) - 1) + 1, context) + load * drafts(tree)
+                         if tree.n_nodes > 1 else costs.tree(load, 1, context))
 
 
 def _plan_eagle3(backend: Backend, settings: Settings, path: Path, tree_setting: str) -> DecodingPlan:

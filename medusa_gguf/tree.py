@@ -51,22 +51,30 @@ class Tree:
 @dataclass(frozen=True)
 class TreeSchedule:
     """The tree to draft by context length, since a step's cost grows with the context: trees[i] serves contexts
-    below bounds[i], the last tree every longer one. A root-only tree in it means plain steps there."""
+    below bounds[i], the last tree every longer one. A root-only tree in it means plain steps there.
+
+    `loaded`: (n, schedule) pairs, ascending n: the schedule to use while at least n requests share each decode
+    call (batching.py), where a tree's tokens cost the marginal price of a bigger batch."""
 
     bounds: tuple[int, ...]
     trees: tuple[Tree, ...]
+    loaded: tuple[tuple[int, "TreeSchedule"], ...] = ()
 
     def __post_init__(self) -> None:
         if len(self.trees) != len(self.bounds) + 1 or list(self.bounds) != sorted(self.bounds):
             raise ValueError(f"a schedule needs one more tree than its sorted bounds, got {len(self.trees)} trees "
                              f"and bounds {self.bounds}")
 
-    def tree_at(self, context: int) -> Tree:
-        return by_context(self.bounds, self.trees, context)
+    def tree_at(self, context: int, load: int = 1) -> Tree:
+        schedule = self
+        for n, s in self.loaded:
+            if load >= n:
+                schedule = s
+        return by_context(schedule.bounds, schedule.trees, context)
 
     @property
     def depth(self) -> int:
-        return max(t.depth for t in self.trees)
+        return max([t.depth for t in self.trees] + [s.depth for _, s in self.loaded])
 
 
 def by_context(bounds: Sequence[int], items: Sequence, context: int):

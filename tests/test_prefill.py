@@ -1,8 +1,8 @@
 """Prefill decodes every call but its last without outputs; the result must equal appending the prompt in chunks.
 
-The old prefill was `append` of chunks of n_batch, each returning logits and hidden states for every token. The
-new one must leave the same KV cache and return the same last-token outputs, bit for bit, so that greedy plain and
-Medusa decoding (which share prefill) are unchanged.
+Prefill reads chunks of EXACT_BATCH tokens (so a prompt's cells do not depend on other texts sharing the cache,
+batching.py); only the last call has outputs. It must leave the KV cache and last-token outputs that `append` of the
+same chunks leaves, bit for bit, so that greedy plain and Medusa decoding (which share prefill) agree.
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from medusa_gguf.backend import TILED_BATCH, Backend, ContextLengthError, DecodeOutput, prefill_spans
+from medusa_gguf.backend import EXACT_BATCH, Backend, ContextLengthError, DecodeOutput, prefill_spans
 from medusa_gguf.bench import read_prompts
 from medusa_gguf.settings import Settings
 
@@ -35,10 +35,10 @@ def long_tokens(long_backend):
 
 
 def chunked_prefill(backend: Backend, tokens: list[int]) -> DecodeOutput:
-    """The old prefill: `append` chunks of n_batch, every token's outputs computed and copied."""
+    """`append` of the same chunks, every token's outputs computed and copied."""
     backend.reset()
-    for start in range(0, len(tokens), backend.n_batch):
-        out = backend.append(tokens[start : start + backend.n_batch])
+    for start in range(0, len(tokens), EXACT_BATCH):
+        out = backend.append(tokens[start : start + EXACT_BATCH])
     return DecodeOutput(logits=out.logits[-1:], hidden=out.hidden[-1:])
 
 
@@ -58,39 +58,28 @@ def assert_same(a: np.ndarray, b: np.ndarray, what: str) -> None:
     assert np.array_equal(a, b), f"{what}: max abs difference {float(np.max(np.abs(a - b)))}, expected 0"
 
 
-def attention_path(n_tokens: int) -> str:
-    return "tiled" if n_tokens >= TILED_BATCH else "one by one"
-
-
-@pytest.mark.parametrize("n_batch", [512, 100, 64, 32])
-@pytest.mark.parametrize("n", [1, 2, 63, 64, 127, 128, 129, 300, 511, 512, 513, 560, 640, 641, 1100, 2000])
-def test_spans_keep_every_token_on_its_attention_path(n, n_batch):
-    spans = prefill_spans(n, n_batch)
+@pytest.mark.parametrize("n", [1, 2, 62, 63, 64, 127, 128, 300, 2000])
+def test_spans_are_contiguous_chunks_of_exact_batch(n):
+    spans = prefill_spans(n)
     assert spans[0][0] == 0 and spans[-1][1] == n
     assert all(a < b == c for (a, b), (c, _) in zip(spans, spans[1:]))  # contiguous, none empty
-    old = [(s, min(s + n_batch, n)) for s in range(0, n, n_batch)]
-    path_of = lambda calls: {t: attention_path(b - a) for a, b in calls for t in range(a, b)}  # noqa: E731
-    assert path_of(spans) == path_of(old)
-    assert all(b - a <= n_batch for a, b in spans)
-    last = spans[-1][1] - spans[-1][0]
-    assert last <= 2 * TILED_BATCH - 1
-    if old[-1][1] - old[-1][0] >= 2 * TILED_BATCH:
-        assert last == TILED_BATCH  # the last chunk was split: 64 rows of outputs, not up to n_batch
+    assert all(b - a <= EXACT_BATCH for a, b in spans)
 
 
-@pytest.mark.parametrize("n", [700, 560, 1100])  # last chunk split (188 = 124 + 64); kept whole (48); 76 kept whole
+@pytest.mark.parametrize("n", [700, 560, 1100])
 def test_prefill_equals_appending_chunks(long_backend, long_tokens, n, monkeypatch):
     tokens = long_tokens[:n]
     old = chunked_prefill(long_backend, tokens)
     old_tokens, old_logits, old_hidden = greedy_after(long_backend, old, N_NEW)
 
-    silent: list[int] = []
-    decode_silent = long_backend._decode_silent
-    monkeypatch.setattr(long_backend, "_decode_silent", lambda t: (silent.append(len(t)), decode_silent(t)))
+    calls: list[tuple[int, str]] = []
+    decode_batch = long_backend.decode_batch
+    monkeypatch.setattr(long_backend, "decode_batch",
+                        lambda works: (calls.append((len(works[0].tokens), works[0].outputs)), decode_batch(works))[1])
     new = long_backend.prefill(tokens)
     monkeypatch.undo()
-    assert n - sum(silent) <= 2 * TILED_BATCH - 1  # only the last call had outputs
-    assert long_backend.n_past == n
+    assert [o for _, o in calls] == ["none"] * (len(calls) - 1) + ["last"]  # only the last call had outputs
+    assert sum(k for k, _ in calls) == n and long_backend.n_past == n
     new_tokens, new_logits, new_hidden = greedy_after(long_backend, new, N_NEW)
 
     assert_same(new.logits, old.logits, "last prompt token's logits")
