@@ -4,317 +4,56 @@
         -d '{"model": "SmolLM2-135M-Instruct.Q4_1", "messages": [{"role": "user", "content": "Hi"}]}'
 
 Routes: GET /v1/models, POST /v1/completions, POST /v1/chat/completions (`"stream": true` gives server-sent
-events), GET /health, GET /metrics (Prometheus). A fixed pool of N_PARALLEL engines serves requests in arrival
-order; at most MAX_QUEUE requests wait, the next one gets 503 with Retry-After. Generation runs in a worker
-thread; a client that goes away (queued, streaming or not) cancels its generation and frees its engine.
+events), GET /health, GET /metrics (Prometheus). One model per process: N_PARALLEL slots of one llama.cpp context
+serve requests in arrival order, and every active request's next work (a plain step, a verification tree, a chunk
+of a new prompt) goes into the same llama.cpp calls (batching.py). At most MAX_QUEUE requests wait for a slot, the
+next one gets 503 with Retry-After. Each generation runs in a worker thread; a client that goes away (queued,
+streaming or not) cancels its generation before its next step and frees its slot. Streams send a keep-alive comment
+every SSE_KEEPALIVE_S seconds while nothing else goes out (waiting for a slot, reading the prompt).
 
 Parameters follow OpenAI, defaults included: temperature 1.0 (send 0 for greedy decoding, the lossless Medusa
 path), max_tokens 16 for /v1/completions and the rest of the context for chat. `n` (up to 16 choices, prompts x n)
-generates the choices one after another on one engine; when seeded, choice i of a prompt uses seed + i.
+generates the choices one after another on one slot; when seeded, choice i of a prompt uses seed + i.
 `prompt` is a string or a list of strings (token arrays are refused). OpenAI parameters this server cannot honour
 (logprobs, tools, penalties, ...) are rejected with 400 when they carry a non-default value, and so are unknown
 fields: nothing is ignored silently. Extensions: `top_k` in requests; a `medusa` object (decoding statistics,
 summed over the choices) in responses and on each choice's last stream chunk.
+
+Modules: api.py (schemas, errors, response pieces), pool.py (the slot pool), metrics.py, this one (the app).
 """
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 import logging
-import math
 import secrets
 import threading
 import time
 import uuid
-from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator, Callable, Literal, Sequence
+from typing import Any, AsyncIterator, Callable, Sequence
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .decoding import GenerationResult, GenerationStats, SamplingParams
+from .api import (MAX_CHOICES, MAX_STOP, APIError, ChatRequest, CompletionRequest, RequestBase, max_tokens_of,
+                  medusa_info, parse_request, sse, sse_comment)
+from .decoding import GenerationResult, SamplingParams
 from .engine import Engine
+from .metrics import Metrics, MetricsMiddleware
+from .pool import QueueFull, SlotPool
 from .settings import Settings
 
 log = logging.getLogger(__name__)
 
-MAX_CHOICES = 16  # n x prompts per request
-MAX_STOP = 4
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the rest of the context
-ROUTES = ("/v1/models", "/v1/completions", "/v1/chat/completions", "/health", "/metrics")
-
-
-# -- errors ------------------------------------------------------------------------------------------------------
-
-class APIError(Exception):
-    """An error answered in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
-
-    def __init__(
-        self, status: int, message: str, *, param: str | None = None, code: str | None = None,
-        type: str = "invalid_request_error", headers: dict[str, str] | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
-        self.headers = headers
-
-    def response(self) -> JSONResponse:
-        body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-        return JSONResponse(body, status_code=self.status, headers=self.headers)
 
 
 class _ClientGone(Exception):
-    """The client disconnected while its request waited for an engine."""
-
-
-# -- request schemas ---------------------------------------------------------------------------------------------
-
-class _Strict(BaseModel):
-    # strict: "16" is not an integer and true is not a number, as with OpenAI.
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-
-class TextPart(_Strict):
-    type: Literal["text"]
-    text: str
-
-
-class ChatMessage(_Strict):
-    role: Literal["system", "user", "assistant"]
-    content: str | list[TextPart]
-
-    def text(self) -> str:
-        return self.content if isinstance(self.content, str) else "\n".join(p.text for p in self.content)
-
-
-class StreamOptions(_Strict):
-    include_usage: bool = False
-
-
-class _Common(_Strict):
-    model: str | None = None  # None: the served model
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0, le=2)  # None: 1.0, as with OpenAI
-    top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=0)  # extension; 0 = whole vocabulary
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    n: int | None = Field(None, ge=1, le=MAX_CHOICES)
-    stream: bool | None = None
-    stream_options: StreamOptions | None = None
-    user: str | None = None  # accepted as OpenAI does: an end-user id, used for nothing here
-    # Known OpenAI parameters this server cannot honour: accepted only with their default values (_UNSUPPORTED).
-    logprobs: Any = None
-    logit_bias: Any = None
-    presence_penalty: Any = None
-    frequency_penalty: Any = None
-
-
-class CompletionRequest(_Common):
-    prompt: str | list[str] = Field(min_length=1)
-    echo: Any = None
-    best_of: Any = None
-    suffix: Any = None
-
-
-class ChatRequest(_Common):
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)  # OpenAI's newer name for max_tokens
-    top_logprobs: Any = None
-    tools: Any = None
-    tool_choice: Any = None
-    functions: Any = None
-    function_call: Any = None
-    response_format: Any = None
-    parallel_tool_calls: Any = None
-
-
-# parameter -> the values that mean "off" (type-checked, so True never passes for 1).
-_UNSUPPORTED: dict[str, tuple[Any, ...]] = {
-    "logprobs": (False,), "top_logprobs": (0,), "logit_bias": ({},), "presence_penalty": (0, 0.0),
-    "frequency_penalty": (0, 0.0), "echo": (False,), "best_of": (1,), "suffix": ("",), "tools": ([],),
-    "tool_choice": ("none",), "functions": ([],), "function_call": ("none",),
-    "response_format": ({"type": "text"},), "parallel_tool_calls": (True,),
-}
-_FIELD_NAMES = {
-    name for m in (CompletionRequest, ChatRequest, ChatMessage, TextPart, StreamOptions) for name in m.model_fields
-}
-
-
-def _parse(model: type[_Common], body: bytes) -> _Common:
-    try:
-        data = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise APIError(400, f"the request body is not valid JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise APIError(400, "the request body must be a JSON object")
-    try:
-        req = model.model_validate(data)
-    except ValidationError as exc:
-        raise _validation_error(exc) from None
-    for name, off in _UNSUPPORTED.items():
-        value = getattr(req, name, None)
-        if value is not None and not any(type(value) is type(o) and value == o for o in off):
-            raise APIError(400, f"'{name}' is not supported by this server (got {value!r}); leave it out", param=name)
-    if req.stream_options is not None and not req.stream:
-        raise APIError(400, "'stream_options' is only allowed with \"stream\": true", param="stream_options")
-    return req
-
-
-def _validation_error(exc: ValidationError) -> APIError:
-    errors = exc.errors()
-    extra = [e for e in errors if e["type"] == "extra_forbidden"]
-    if extra:
-        *path, name = extra[0]["loc"]
-        param = f"{_param(path)}.{name}" if path else str(name)
-        return APIError(400, f"unknown parameter '{param}'", param=param, code="unknown_parameter")
-    param = _param(errors[0]["loc"])
-    if errors[0]["type"] == "missing":
-        return APIError(400, f"'{param}' is required", param=param)
-    msgs = list(dict.fromkeys(e["msg"] for e in errors if _param(e["loc"]) == param))
-    return APIError(400, f"invalid '{param}': {' or '.join(msgs)}", param=param)
-
-
-def _param(loc: Sequence[str | int]) -> str:
-    """('messages', 0, 'role') -> 'messages[0].role'; union member tags such as 'list[str]' are dropped."""
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        elif part in _FIELD_NAMES:
-            out += f".{part}" if out else part
-    return out
-
-
-# -- the engine pool ---------------------------------------------------------------------------------------------
-
-class QueueFull(Exception):
-    def __init__(self, retry_after_s: int) -> None:
-        super().__init__(f"queue full; retry after {retry_after_s} s")
-        self.retry_after_s = retry_after_s
-
-
-class EnginePool:
-    """N engines, lent one request at a time, first come first served; at most `max_queue` requests wait.
-
-    Used from the event loop only (not thread-safe); the engine itself runs in a worker thread.
-    """
-
-    def __init__(self, engines: Sequence[Engine], max_queue: int) -> None:
-        self.engines = list(engines)
-        self.max_queue = max_queue
-        self._free: deque[Engine] = deque(self.engines)
-        self._waiters: deque[asyncio.Future] = deque()
-        self._lent_at: dict[int, float] = {}
-        self._hold_s = 1.0  # moving average of how long a request holds an engine, for Retry-After
-
-    @property
-    def waiting(self) -> int:
-        return len(self._waiters)
-
-    @property
-    def busy(self) -> int:
-        return len(self.engines) - len(self._free)
-
-    async def acquire(self) -> Engine:
-        if self._free and not self._waiters:
-            return self._lend(self._free.popleft())
-        if len(self._waiters) >= self.max_queue:
-            raise QueueFull(self.retry_after_s())
-        fut = asyncio.get_running_loop().create_future()
-        self._waiters.append(fut)
-        try:
-            return self._lend(await fut)
-        except asyncio.CancelledError:
-            if fut.done() and not fut.cancelled():  # handed an engine just as the wait was cancelled
-                self.release(fut.result())
-            elif fut in self._waiters:
-                self._waiters.remove(fut)
-            raise
-
-    def release(self, engine: Engine) -> None:
-        if (lent := self._lent_at.pop(id(engine), None)) is not None:
-            self._hold_s = 0.8 * self._hold_s + 0.2 * (time.monotonic() - lent)
-        while self._waiters:
-            fut = self._waiters.popleft()
-            if not fut.done():
-                fut.set_result(engine)
-                return
-        self._free.append(engine)
-
-    def retry_after_s(self) -> int:
-        return max(1, min(600, math.ceil(self._hold_s * (self.waiting + 1) / len(self.engines))))
-
-    def _lend(self, engine: Engine) -> Engine:
-        self._lent_at[id(engine)] = time.monotonic()
-        return engine
-
-
-# -- metrics -----------------------------------------------------------------------------------------------------
-
-class Metrics:
-    """Prometheus metrics in a registry of their own (one per app, so apps and tests never share counters)."""
-
-    def __init__(self, pool_ref: Callable[[], EnginePool | None]) -> None:
-        self.registry = r = CollectorRegistry()
-        self.requests = Counter("medusa_requests", "HTTP requests by route and status", ["route", "status"], registry=r)
-        self.latency = Histogram(
-            "medusa_request_latency_seconds", "time from request to the end of the response", ["route"], registry=r,
-            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300),
-        )
-        self.ttft = Histogram(
-            "medusa_time_to_first_token_seconds", "time from request to the first generated text (queue included)",
-            ["route"], registry=r, buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60),
-        )
-        self.prompt_tokens = Counter("medusa_prompt_tokens", "prompt tokens processed", registry=r)
-        self.completion_tokens = Counter("medusa_completion_tokens", "completion tokens generated", registry=r)
-        self.tokens_per_step = Histogram(
-            "medusa_tokens_per_step", "mean tokens per decoding step of each generation (1 = plain decoding)",
-            registry=r, buckets=(1, 1.25, 1.5, 1.75, 2, 2.5, 3, 3.5, 4, 5, 6, 8),
-        )
-        self.guard_plain_steps = Counter(
-            "medusa_guard_plain_steps", "steps a calibrated tree's acceptance guard decoded plainly (drafts not paying)",
-            registry=r,
-        )
-        self.cancelled = Counter(
-            "medusa_cancelled_generations", "generations stopped because the client left", registry=r
-        )
-        Gauge("medusa_queue_depth", "requests waiting for an engine", registry=r).set_function(
-            lambda: pool.waiting if (pool := pool_ref()) else 0
-        )
-        Gauge("medusa_engines_busy", "engines serving a request", registry=r).set_function(
-            lambda: pool.busy if (pool := pool_ref()) else 0
-        )
-
-
-class _MetricsMiddleware:
-    """Counts every HTTP request by route and status and times it to the end of its response (streams included)."""
-
-    def __init__(self, app: Any, metrics: Metrics) -> None:
-        self.app, self.metrics = app, metrics
-
-    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        route = scope["path"] if scope["path"] in ROUTES else "other"
-        status, start = 500, time.perf_counter()
-
-        async def send_status(message: dict) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_status)
-        finally:
-            self.metrics.requests.labels(route, str(status)).inc()
-            self.metrics.latency.labels(route).observe(time.perf_counter() - start)
+    """The client disconnected while its request waited for a slot."""
 
 
 # -- generation in a worker thread ---------------------------------------------------------------------------------
@@ -333,13 +72,15 @@ def _run_choices(
     engine: Engine, choices: Sequence[_Choice], emit: Callable[[tuple], None], cancel: threading.Event,
     record: Callable[[GenerationResult], None],
 ) -> None:
-    """Worker thread: generate the choices in turn; emit ("piece", index, text) and ("done", index, result).
-    `record` sees every result, cancelled ones included."""
+    """Worker thread: generate the choices in turn on a lent slot (engine.EngineSlot); emit ("piece", index, text)
+    and ("done", index, result). `record` sees every result, cancelled ones included."""
     for choice in choices:
         if cancel.is_set():
             return
         result = GenerationResult()
-        pieces = engine.generate(choice.prompt, choice.params, result)
+        # the cancel check also runs before every decoding step and between prompt chunks: a stop string's held
+        # text or a long prompt emits nothing for a while
+        pieces = engine.generate(choice.prompt, choice.params, result, cancelled=cancel.is_set)
         try:
             for piece in pieces:
                 emit(("piece", choice.index, piece))
@@ -348,14 +89,16 @@ def _run_choices(
         finally:
             pieces.close()  # stops decoding at once when the client has gone
             record(result)
+        if cancel.is_set():
+            return
         emit(("done", choice.index, result))
 
 
 class _Run:
-    """One request's generation on a lent engine. The engine goes back to the pool when the thread ends,
+    """One request's generation on a lent slot. The slot goes back to the pool when the thread ends,
     whatever happens to the response that reads the events."""
 
-    def __init__(self, server: "_Server", engine: Engine, choices: Sequence[_Choice]) -> None:
+    def __init__(self, server: "_Server", engine: Any, choices: Sequence[_Choice]) -> None:
         loop = asyncio.get_running_loop()
         self.cancel = threading.Event()
         self.events: asyncio.Queue = asyncio.Queue()
@@ -398,25 +141,29 @@ async def _wait_disconnect(request: Request) -> None:
         pass
 
 
-# -- responses ---------------------------------------------------------------------------------------------------
-
-def medusa_info(stats: Sequence[GenerationStats]) -> dict:
-    """The `medusa` extension object: the decoding statistics (summed over the choices) and whether heads ran."""
-    total = stats[0]
-    if len(stats) > 1:
-        total = dataclasses.replace(stats[0])
-        for f in dataclasses.fields(total):
-            values = [getattr(s, f.name) for s in stats]
-            if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
-                setattr(total, f.name, sum(values))
-            elif all(isinstance(v, list) for v in values):
-                width = max(len(v) for v in values)
-                setattr(total, f.name, [sum(v[i] for v in values if i < len(v)) for i in range(width)])
-    return {**total.to_dict(), "heads_used": total.mode == "medusa"}
+_KEEPALIVE = object()
 
 
-def _sse(data: dict | str) -> str:
-    return f"data: {data if isinstance(data, str) else json.dumps(data, separators=(',', ':'))}\n\n"
+async def _ticking(events: AsyncIterator, interval: float | None) -> AsyncIterator:
+    """The items of `events`, and _KEEPALIVE whenever `interval` seconds pass without one (None: never)."""
+    it = events.__aiter__()
+    nxt: asyncio.Future | None = None
+    try:
+        while True:
+            nxt = nxt or asyncio.ensure_future(it.__anext__())
+            done, _ = await asyncio.wait({nxt}, timeout=interval)
+            if not done:
+                yield _KEEPALIVE
+                continue
+            try:
+                item = nxt.result()
+            except StopAsyncIteration:
+                return
+            nxt = None
+            yield item
+    finally:
+        if nxt is not None and not nxt.done():
+            nxt.cancel()
 
 
 class _SSEResponse(StreamingResponse):
@@ -434,27 +181,34 @@ class _SSEResponse(StreamingResponse):
 # -- the app -----------------------------------------------------------------------------------------------------
 
 class _Server:
-    """Everything one app instance owns: its settings, engine pool, worker threads and metrics."""
+    """Everything one app instance owns: its settings, slot pool, worker threads and metrics."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.pool: EnginePool | None = None
-        self.executor: ThreadPoolExecutor | None = None
+        self.pool: SlotPool | None = None
+        self.executor: ThreadPoolExecutor | None = None  # generations, one thread per slot
+        self.preparing: ThreadPoolExecutor | None = None  # tokenization, which holds no slot
         self.model_names: list[str] = []
         self.runs: set[_Run] = set()
-        self.metrics = Metrics(lambda: self.pool)
+        self.batch_stats: Callable[[], Any] = lambda: None
+        self.metrics = Metrics(lambda: self.pool, lambda: self.batch_stats())
 
-    def start(self, engines: Sequence[Engine]) -> None:
-        self.pool = EnginePool(engines, self.settings.max_queue)
-        self.executor = ThreadPoolExecutor(max_workers=len(engines), thread_name_prefix="engine")
-        name = engines[0].model_name
+    def start(self, slots: Sequence[Any]) -> None:
+        self.pool = SlotPool(slots, self.settings.max_queue)
+        self.executor = ThreadPoolExecutor(max_workers=len(slots), thread_name_prefix="slot")
+        self.preparing = ThreadPoolExecutor(max_workers=2, thread_name_prefix="prepare")
+        batcher = getattr(getattr(slots[0], "engine", None), "batcher", None)
+        if batcher is not None:
+            self.batch_stats = lambda: batcher.stats
+        name = slots[0].model_name
         self.model_names = list(dict.fromkeys([name, name.removesuffix(".gguf")]))
 
     def stop(self) -> None:
         for run in list(self.runs):
             run.stop()
-        if self.executor is not None:
-            self.executor.shutdown(wait=True)
+        for executor in (self.executor, self.preparing):
+            if executor is not None:
+                executor.shutdown(wait=True)
 
     # -- routes --
 
@@ -479,7 +233,7 @@ class _Server:
     async def complete(self, request: Request, chat: bool) -> Response:
         start = time.perf_counter()
         route = request.url.path
-        req = _parse(ChatRequest if chat else CompletionRequest, await request.body())
+        req = parse_request(ChatRequest if chat else CompletionRequest, await request.body())
         if self.pool is None:
             raise APIError(503, "the model is still loading; retry shortly", type="server_error", code="loading")
         if req.model is not None and req.model not in self.model_names:
@@ -487,25 +241,24 @@ class _Server:
                 404, f"the model '{req.model}' does not exist; this server serves {', '.join(self.model_names)}",
                 param="model", code="model_not_found",
             )
-        base = self._sampling(req)  # every check that needs no tokens, before queueing for an engine
+        base = self._sampling(req)
+        # every check, tokenization included, before queueing: it needs the model's vocabulary, not a slot
+        choices = await asyncio.get_running_loop().run_in_executor(self.preparing, self._prepare, req, base)
+        prompt_tokens = sum(len(c.prompt) for c in choices if c.index % (req.n or 1) == 0)
+        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        head = {"id": rid, "created": int(time.time()), "model": req.model or self.model_names[0]}
+        if req.stream:
+            try:
+                self.pool.check_room()
+            except QueueFull as exc:
+                raise self._busy(exc) from None
+            events = self._stream(choices, chat, head, prompt_tokens, req, route, start)
+            return _SSEResponse(events, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         gone = asyncio.ensure_future(_wait_disconnect(request))
         try:
-            engine = await self._acquire(gone)
-            try:
-                choices = await asyncio.get_running_loop().run_in_executor(
-                    self.executor, self._prepare, engine, req, base
-                )
-            except BaseException:
-                self.pool.release(engine)
-                raise
-            run = _Run(self, engine, choices)  # from here on the run gives the engine back
-            prompt_tokens = sum(len(c.prompt) for c in choices if c.index % (req.n or 1) == 0)
+            slot = await self._acquire(gone)
+            run = _Run(self, slot, choices)  # from here on the run gives the slot back
             self.metrics.prompt_tokens.inc(prompt_tokens)
-            rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-            head = {"id": rid, "created": int(time.time()), "model": req.model or self.model_names[0]}
-            if req.stream:
-                events = self._stream(run, chat, head, prompt_tokens, req, route, start)
-                return _SSEResponse(events, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
             gone.add_done_callback(lambda t: t.cancelled() or (run.stop() and self.metrics.cancelled.inc()))
             return JSONResponse(await self._collect(run, chat, head, len(choices), prompt_tokens, route, start))
         except _ClientGone:
@@ -513,28 +266,31 @@ class _Server:
         finally:
             gone.cancel()
 
-    async def _acquire(self, gone: asyncio.Future) -> Engine:
-        """Wait for an engine (FIFO); give up if the client disconnects first."""
+    def _busy(self, exc: QueueFull) -> APIError:
+        return APIError(
+            503, f"the server is busy: {self.pool.waiting} requests are waiting (MAX_QUEUE); retry later",
+            type="server_error", code="queue_full", headers={"Retry-After": str(exc.retry_after_s)},
+        )
+
+    async def _acquire(self, gone: asyncio.Future) -> Any:
+        """Wait for a slot (FIFO); give up if the client disconnects first."""
         acquiring = asyncio.ensure_future(self.pool.acquire())
         await asyncio.wait({acquiring, gone}, return_when=asyncio.FIRST_COMPLETED)
         if acquiring.done():
             try:
                 return acquiring.result()
             except QueueFull as exc:
-                raise APIError(
-                    503, f"the server is busy: {self.pool.waiting} requests are waiting (MAX_QUEUE); retry later",
-                    type="server_error", code="queue_full", headers={"Retry-After": str(exc.retry_after_s)},
-                ) from None
+                raise self._busy(exc) from None
         acquiring.cancel()
         (outcome,) = await asyncio.gather(acquiring, return_exceptions=True)
-        if isinstance(outcome, Engine):
+        if not isinstance(outcome, BaseException):
             self.pool.release(outcome)
         raise _ClientGone()
 
-    def _sampling(self, req: _Common) -> SamplingParams:
+    def _sampling(self, req: RequestBase) -> SamplingParams:
         """The request's sampling parameters, checked; max_tokens is final only when the request gives it."""
-        n_ctx = self.pool.engines[0].n_ctx
-        max_tokens = _max_tokens(req)
+        n_ctx = self.pool.slots[0].n_ctx
+        max_tokens = max_tokens_of(req)
         if max_tokens is not None and max_tokens > n_ctx:
             raise APIError(400, f"max_tokens={max_tokens} exceeds the context window n_ctx={n_ctx}", param="max_tokens")
         n_prompts = 1 if isinstance(req, ChatRequest) or isinstance(req.prompt, str) else len(req.prompt)
@@ -553,26 +309,27 @@ class _Server:
         except ValueError as exc:
             raise APIError(400, str(exc), param="stop" if "stop" in str(exc) else None) from None
 
-    def _prepare(self, engine: Engine, req: _Common, base: SamplingParams) -> list[_Choice]:
-        """Worker thread, engine held: tokenize the prompts, check them against the context, make the choices."""
+    def _prepare(self, req: RequestBase, base: SamplingParams) -> list[_Choice]:
+        """Worker thread, no slot held: tokenize the prompts, check them against the context, make the choices."""
+        model = self.pool.slots[0]  # tokenization only reads the model's vocabulary and template
         chat = isinstance(req, ChatRequest)
         if chat:
-            prompts = [engine.chat_prompt([{"role": m.role, "content": m.text()} for m in req.messages])]
+            prompts = [model.chat_prompt([{"role": m.role, "content": m.text()} for m in req.messages])]
         else:
-            prompts = [engine.tokenize(p) for p in ([req.prompt] if isinstance(req.prompt, str) else req.prompt)]
+            prompts = [model.tokenize(p) for p in ([req.prompt] if isinstance(req.prompt, str) else req.prompt)]
         param = "messages" if chat else "prompt"
         for tokens in prompts:
             if not tokens:
                 raise APIError(400, "the prompt is empty", param=param)
-            if len(tokens) > engine.n_ctx:
+            if len(tokens) > model.n_ctx:
                 raise APIError(
-                    400, f"the prompt has {len(tokens)} tokens, more than the context window of {engine.n_ctx} tokens "
+                    400, f"the prompt has {len(tokens)} tokens, more than the context window of {model.n_ctx} tokens "
                     "(shorten it or raise N_CTX)", param=param, code="context_length_exceeded",
                 )
         choices, n = [], req.n or 1
         for p, tokens in enumerate(prompts):
-            max_tokens = _max_tokens(req) or (
-                max(1, engine.n_ctx - len(tokens)) if chat else COMPLETIONS_DEFAULT_MAX_TOKENS
+            max_tokens = max_tokens_of(req) or (
+                max(1, model.n_ctx - len(tokens)) if chat else COMPLETIONS_DEFAULT_MAX_TOKENS
             )
             for j in range(n):  # choice j of a prompt samples with seed + j
                 seed = None if base.seed is None else (base.seed + j) % 2**64
@@ -620,9 +377,13 @@ class _Server:
         }
 
     async def _stream(
-        self, run: _Run, chat: bool, head: dict, prompt_tokens: int, req: _Common, route: str, start: float
+        self, choices: list[_Choice], chat: bool, head: dict, prompt_tokens: int, req: RequestBase, route: str,
+        start: float,
     ) -> AsyncIterator[str]:
+        """The SSE body. It waits for a slot itself, so keep-alive comments go out while it is queued; nothing runs
+        unless the body is iterated, and closing it (a lost client) stops the run."""
         head = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
+        interval = self.settings.sse_keepalive_s or None
 
         def chunk(index: int, text: str | None, finish: str | None = None, role: bool = False) -> dict:
             if chat:
@@ -632,67 +393,74 @@ class _Server:
                 body = {"index": index, "text": text or ""}
             return {**head, "choices": [{**body, "logprobs": None, "finish_reason": finish}]}
 
-        completion_tokens, started, first = 0, set(), True
+        acquiring = asyncio.ensure_future(self.pool.acquire())
+        run: _Run | None = None
         try:
-            async for kind, index, value in run:
+            while not (await asyncio.wait({acquiring}, timeout=interval))[0]:
+                yield sse_comment("keep-alive: waiting for a slot")
+            run = _Run(self, acquiring.result(), choices)
+            self.metrics.prompt_tokens.inc(prompt_tokens)
+            completion_tokens, started, first = 0, set(), True
+            async for event in _ticking(run, interval):
+                if event is _KEEPALIVE:
+                    yield sse_comment("keep-alive")
+                    continue
+                kind, index, value = event
                 if first:
                     self.metrics.ttft.labels(route).observe(time.perf_counter() - start)
                     first = False
                 if chat and index not in started:
                     started.add(index)
-                    yield _sse(chunk(index, None, role=True))
+                    yield sse(chunk(index, None, role=True))
                 if kind == "piece":
-                    yield _sse(chunk(index, value))
+                    yield sse(chunk(index, value))
                 else:
                     completion_tokens += len(value.tokens)
-                    yield _sse({**chunk(index, None, value.finish_reason), "medusa": medusa_info([value.stats])})
+                    yield sse({**chunk(index, None, value.finish_reason), "medusa": medusa_info([value.stats])})
             if req.stream_options is not None and req.stream_options.include_usage:
                 usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                          "total_tokens": prompt_tokens + completion_tokens}
-                yield _sse({**head, "choices": [], "usage": usage})
-            yield _sse("[DONE]")
+                yield sse({**head, "choices": [], "usage": usage})
+            yield sse("[DONE]")
         except Exception as exc:  # the status line has gone out: report in the stream, as OpenAI does
-            log.exception("generation failed mid-stream")
-            yield _sse({"error": {"message": f"generation failed: {exc}", "type": "server_error", "param": None,
-                                  "code": None}})
+            if isinstance(exc, QueueFull):
+                message, kind = self._busy(exc).message, "server_error"
+            else:
+                log.exception("generation failed mid-stream")
+                message, kind = f"generation failed: {exc}", "server_error"
+            yield sse({"error": {"message": message, "type": kind, "param": None, "code": None}})
         finally:
-            if run.stop():
+            if not acquiring.done():
+                acquiring.cancel()  # the pool gives back a slot handed over just now
+            if run is not None and run.stop():
                 self.metrics.cancelled.inc()
 
 
-def _max_tokens(req: _Common) -> int | None:
-    if isinstance(req, ChatRequest) and req.max_completion_tokens is not None:
-        if req.max_tokens is not None and req.max_tokens != req.max_completion_tokens:
-            raise APIError(400, "max_tokens and max_completion_tokens disagree; give one", param="max_tokens")
-        return req.max_completion_tokens
-    return req.max_tokens
-
-
-def create_app(settings: Settings | None = None, engines: Sequence[Engine] | None = None) -> FastAPI:
-    """The app. Given `engines`, it serves those at once (the caller closes them); else it loads N_PARALLEL
-    engines at startup and closes them at shutdown. No settings: from the environment, so that
-    `uvicorn --factory medusa_gguf.server:create_app` works too."""
+def create_app(settings: Settings | None = None, slots: Sequence[Any] | None = None) -> FastAPI:
+    """The app. Given `slots` (engine views, Engine.views()), it serves those at once (the caller closes their
+    engine); else it loads the engine at startup and closes it at shutdown. No settings: from the environment, so
+    that `uvicorn --factory medusa_gguf.server:create_app` works too."""
     settings = Settings.from_env() if settings is None else settings
     server = _Server(settings)
-    if engines is not None:
-        server.start(engines)
+    if slots is not None:
+        server.start(slots)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        owned: list[Engine] = []
+        owned: Engine | None = None
         if server.pool is None:
-            owned = await asyncio.get_running_loop().run_in_executor(None, load_engines, settings)
+            owned = await asyncio.get_running_loop().run_in_executor(None, load_engine, settings)
             log.info("%s", describe(owned, settings))
-            server.start(owned)
+            server.start(owned.views())
         try:
             yield
         finally:
             await asyncio.get_running_loop().run_in_executor(None, server.stop)
-            for engine in owned:
-                engine.close()
+            if owned is not None:
+                owned.close()
 
     app = FastAPI(title="medusa-gguf", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.add_middleware(_MetricsMiddleware, metrics=server.metrics)
+    app.add_middleware(MetricsMiddleware, metrics=server.metrics)
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError) -> JSONResponse:
@@ -735,41 +503,32 @@ def create_app(settings: Settings | None = None, engines: Sequence[Engine] | Non
     return app
 
 
-def load_engines(settings: Settings) -> list[Engine]:
-    """N_PARALLEL engines, each with its own llama.cpp context; all closed again if one fails to load."""
-    engines: list[Engine] = []
-    try:
-        for _ in range(settings.n_parallel):
-            engines.append(Engine(settings))
-    except BaseException:
-        for engine in engines:
-            engine.close()
-        raise
-    return engines
+def load_engine(settings: Settings) -> Engine:
+    """The engine: the model once, one llama.cpp context with N_PARALLEL slots, the drafter once."""
+    return Engine(settings, slots=settings.n_parallel)
 
 
-def describe(engines: Sequence[Engine], settings: Settings) -> str:
+def describe(engine: Engine, settings: Settings) -> str:
     """One log line saying what is served and how."""
-    e = engines[0]
-    path = e.backend.model_path
-    mode = "plain" if e.plain_reason else "medusa"
+    path = engine.backend.model_path
+    mode = "plain" if engine.plain_reason else "medusa"
     return (
-        f"serving {path} ({path.stat().st_size / 1e6:.1f} MB) as '{e.model_name}': {len(engines)} engine(s), "
-        f"n_ctx={e.n_ctx}, threads={settings.n_threads or 'auto'} each, gpu_layers={settings.n_gpu_layers}, "
-        f"decoding={mode}{f' ({e.plain_reason})' if e.plain_reason else ''}, max_queue={settings.max_queue}, "
+        f"serving {path} ({path.stat().st_size / 1e6:.1f} MB) as '{engine.model_name}': {settings.n_parallel} "
+        f"slot(s) batched in one context, n_ctx={engine.n_ctx} per request, threads={engine.backend.n_threads}, "
+        f"gpu_layers={settings.n_gpu_layers}, decoding={mode}{f' ({engine.plain_reason})' if engine.plain_reason else ''}, "
+        f"max_queue={settings.max_queue}, keep-alive every {settings.sse_keepalive_s or 'never'} s, "
         f"api_key={'required' if settings.api_key else 'off'}"
     )
 
 
 def serve(settings: Settings) -> None:
-    """Load the engines, then serve on HOST:PORT until interrupted."""
+    """Load the engine, then serve on HOST:PORT until interrupted."""
     import uvicorn
 
-    engines = load_engines(settings)
+    engine = load_engine(settings)
     try:
-        log.info("%s", describe(engines, settings))
-        app = create_app(settings, engines)
+        log.info("%s", describe(engine, settings))
+        app = create_app(settings, engine.views())
         uvicorn.run(app, host=settings.host, port=settings.port, log_config=None, timeout_graceful_shutdown=5)
     finally:
-        for engine in engines:
-            engine.close()
+        engine.close()

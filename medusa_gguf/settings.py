@@ -117,9 +117,12 @@ class Settings:
     drafter: str = _env("DRAFTER", _parse_drafter, default="auto")
     host: str = _env("HOST", _parse_str, default="127.0.0.1")
     port: int = _env("PORT", _int_parser(lo=0, hi=65535), default=8000)
-    n_parallel: int = _env("N_PARALLEL", _int_parser(lo=1, hi=64), default=1)  # server: engines, one request each
+    # server: requests served at once, as slots of one llama.cpp context whose decode calls they share
+    n_parallel: int = _env("N_PARALLEL", _int_parser(lo=1, hi=64), default=4)
     max_queue: int = _env("MAX_QUEUE", _int_parser(lo=0, hi=100_000), default=16)  # server: requests waiting; then 503
     api_key: str | None = _env("API_KEY", _parse_str, default=None, repr=False)  # server: None = no key needed
+    # server: seconds between keep-alive comments on a quiet stream (queued, reading the prompt); 0: none
+    sse_keepalive_s: int = _env("SSE_KEEPALIVE_S", _int_parser(lo=0, hi=3600), default=10)
 
     def __post_init__(self) -> None:
         # Values given in code or on the command line pass the same range checks as the environment.

@@ -20,7 +20,8 @@ import pytest
 
 from medusa_gguf.decoding import GenerationResult, SamplingParams
 from medusa_gguf.engine import Engine
-from medusa_gguf.server import EnginePool, QueueFull, create_app
+from medusa_gguf.pool import QueueFull, SlotPool
+from medusa_gguf.server import _Choice, _run_choices, create_app
 from medusa_gguf.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,11 +38,14 @@ def _free_port() -> int:
 
 def _start_server(tmp_path_factory, name: str, **env: str):
     port = _free_port()
-    log_path = tmp_path_factory.mktemp(name) / "server.log"
+    folder = tmp_path_factory.mktemp(name)
+    log_path = folder / "server.log"
     full_env = {k: v for k, v in os.environ.items() if k != "API_KEY"}
-    # One llama.cpp thread per engine: with two, a decode step stalls whenever another process holds a core
-    # (16 tokens took 20 s on this shared 2-core machine); with one it just runs slower.
-    full_env.update({"N_CTX": str(N_CTX), "N_THREADS": "1", "PORT": str(port), **env})
+    # One llama.cpp thread: with two, a decode step stalls whenever another process holds a core (16 tokens took
+    # 20 s on this shared 2-core machine); with one it just runs slower. Drafting on (TREE=default: the shipped
+    # heads with the static tree; TREE=auto decodes plainly on this machine). A cache directory of its own.
+    full_env.update({"N_CTX": str(N_CTX), "N_THREADS": "1", "PORT": str(port), "TREE": "default",
+                     "XDG_CACHE_HOME": str(folder / "cache"), **env})
     with open(log_path, "w") as log:
         proc = subprocess.Popen([sys.executable, "main.py"], cwd=ROOT, env=full_env, stdout=log, stderr=log)
     url = f"http://127.0.0.1:{port}"
@@ -72,9 +76,9 @@ def _stop_server(proc) -> None:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    """Two engines (this machine has two cores), a deep queue, an API key."""
+    """Four slots batched in one context, a deep queue, an API key."""
     proc, url, log_path = _start_server(
-        tmp_path_factory, "main", N_PARALLEL="2", MAX_QUEUE="32", API_KEY=KEY
+        tmp_path_factory, "main", N_PARALLEL="4", MAX_QUEUE="32", API_KEY=KEY
     )
     yield url
     _stop_server(proc)
@@ -83,7 +87,7 @@ def server(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def single(tmp_path_factory):
-    """One engine and room for one waiting request, no API key."""
+    """One slot and room for one waiting request, no API key."""
     proc, url, log_path = _start_server(tmp_path_factory, "single", N_PARALLEL="1", MAX_QUEUE="1")
     yield url
     _stop_server(proc)
@@ -133,7 +137,7 @@ def test_chat_completion(client, model):
     assert resp.usage.prompt_tokens > 5 and 0 < resp.usage.completion_tokens <= 12
     assert resp.usage.total_tokens == resp.usage.prompt_tokens + resp.usage.completion_tokens
     medusa = resp.model_extra["medusa"]
-    assert medusa["heads_used"] is (medusa["mode"] == "medusa")
+    assert medusa["mode"] == "medusa" and medusa["heads_used"]  # the shipped heads draft (TREE=default)
     assert medusa["steps"] >= 1 and medusa["tau"] >= 1
 
 
@@ -195,7 +199,7 @@ def test_greedy_output_equals_engine_in_process(client, model):
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Why is the sky blue?"}]
     served_chat = client.chat.completions.create(model=model, messages=messages, max_tokens=16, temperature=0)
     served_text = client.completions.create(model=model, prompt="The sea is", max_tokens=16, temperature=0)
-    engine = Engine(Settings(n_ctx=N_CTX, n_threads=1))  # 2 threads crawl when other processes hold the cores
+    engine = Engine(Settings(n_ctx=N_CTX, n_threads=1, tree="default"))  # 2 threads crawl when others hold the cores
     try:
         params = SamplingParams(max_tokens=16, temperature=0)
         chat = "".join(engine.generate(engine.chat_prompt(messages), params, GenerationResult()))
@@ -368,14 +372,14 @@ def test_twenty_concurrent_streams_match_their_sequential_runs(client, model):
     assert len(set(sequential)) > 10  # the prompts really differ
 
 
-def test_client_disconnect_mid_stream_frees_the_engine(single):
+def test_client_disconnect_mid_stream_frees_the_slot(single):
     body = {"prompt": COUNTING, "max_tokens": N_CTX - 16, "temperature": 0, "stream": True}
     with httpx.Client(base_url=single, timeout=30) as c:
         with c.stream("POST", COMP, json=body) as r:
             lines = r.iter_lines()
             assert next(lines).startswith("data: ")  # generating: hang up now
     _wait_for_metric(single, "medusa_cancelled_generations_total", lambda v: v >= 1, "the generation went on")
-    _wait_for_metric(single, "medusa_engines_busy", lambda v: v == 0, "the engine was not given back")
+    _wait_for_metric(single, "medusa_slots_busy", lambda v: v == 0, "the slot was not given back")
     r = httpx.post(single + COMP, json={"prompt": COUNTING, "max_tokens": 3, "temperature": 0}, timeout=60)
     assert r.status_code == 200 and r.json()["choices"][0]["text"] == " 5,"
 
@@ -398,19 +402,19 @@ def test_client_leaving_while_queued_or_waiting_for_a_full_reply_is_cancelled(si
     with httpx.Client(base_url=single, timeout=30) as c:
         with c.stream("POST", COMP, json={**long, "stream": True}) as r:
             lines = r.iter_lines()  # held: dropping the iterator would close the stream
-            next(lines)  # the only engine is busy with this stream
+            next(lines)  # the only slot is busy with this stream
             queued = _raw_post(single, COMP, long)
             _wait_for_metric(single, "medusa_queue_depth", lambda v: v == 1, "the request did not queue")
             queued.close()  # hang up while queued: leave the queue without ever running
             _wait_for_metric(single, "medusa_queue_depth", lambda v: v == 0, "the request stayed in the queue")
             assert _metric(single, "medusa_requests_total", left_queue) == gone_before + 1
-    _wait_for_metric(single, "medusa_engines_busy", lambda v: v == 0, "the stream kept its engine")
+    _wait_for_metric(single, "medusa_slots_busy", lambda v: v == 0, "the stream kept its slot")
     waiting = _raw_post(single, COMP, long)  # not streaming: hang up while it generates
-    _wait_for_metric(single, "medusa_engines_busy", lambda v: v == 1, "the request did not start")
+    _wait_for_metric(single, "medusa_slots_busy", lambda v: v == 1, "the request did not start")
     waiting.close()
     _wait_for_metric(single, "medusa_cancelled_generations_total", lambda v: v == cancelled_before + 2,
                      "a generation outlived its client")
-    _wait_for_metric(single, "medusa_engines_busy", lambda v: v == 0, "the engine was not given back")
+    _wait_for_metric(single, "medusa_slots_busy", lambda v: v == 0, "the slot was not given back")
     r = httpx.post(single + COMP, json={"prompt": COUNTING, "max_tokens": 3, "temperature": 0}, timeout=60)
     assert r.status_code == 200
 
@@ -452,29 +456,49 @@ def test_a_list_of_prompts_gives_one_choice_each(client, model):
 # -- in-process, with a fake engine -------------------------------------------------------------------------------
 
 class FakeEngine:
-    """Echoes the prompt's words, one per token; the word 'boom' makes it fail mid-generation."""
+    """Echoes the prompt's words, one per token (`delay` seconds each); the word 'boom' makes it fail
+    mid-generation; a prompt starting with 'slow' blocks its tokenization until `proceed` is set."""
 
     model_name = "fake.gguf"
-    n_ctx = 64
+    n_ctx = 1024
+
+    def __init__(self, delay: float = 0.0) -> None:
+        self.delay = delay
+        self.made = 0  # tokens generated, all requests together
+        self.running = 0  # generations under way
+        self.tokenizing = 0
+        self.proceed = threading.Event()
 
     def tokenize(self, text):
+        if text.startswith("slow"):
+            self.tokenizing += 1
+            self.proceed.wait(timeout=30)
+            self.tokenizing -= 1
         return [ord(ch) for ch in text]
 
     def chat_prompt(self, messages):
         return self.tokenize(messages[-1]["content"])
 
-    def generate(self, tokens, params, result):
-        for word in "".join(map(chr, tokens)).split()[: params.max_tokens]:
-            if word == "boom":
-                raise RuntimeError("the engine broke")
-            result.tokens.append(len(result.tokens))
-            result.text += word + " "
-            yield word + " "
-        result.finish_reason = "length"
+    def generate(self, tokens, params, result, cancelled=None):
+        self.running += 1
+        try:
+            for word in "".join(map(chr, tokens)).split()[: params.max_tokens]:
+                if cancelled is not None and cancelled():
+                    return
+                time.sleep(self.delay)
+                if word == "boom":
+                    raise RuntimeError("the engine broke")
+                self.made += 1
+                result.tokens.append(len(result.tokens))
+                result.text += word + " "
+                yield word + " "
+            result.finish_reason = "length"
+        finally:
+            self.running -= 1
 
 
 def test_a_failing_generation_harms_no_other_request():
-    app = create_app(Settings(max_queue=4), engines=[FakeEngine()])
+    app = create_app(Settings(max_queue=4), slots=[FakeEngine()])
 
     async def main():
         transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
@@ -490,16 +514,16 @@ def test_a_failing_generation_harms_no_other_request():
     asyncio.run(main())
 
 
-def test_pool_lends_engines_first_come_first_served_and_bounds_the_queue():
+def test_pool_lends_slots_first_come_first_served_and_bounds_the_queue():
     async def main():
-        pool = EnginePool(["engine"], max_queue=3)
+        pool = SlotPool(["slot"], max_queue=3)
         held = await pool.acquire()
         order = []
 
         async def wait(i):
-            engine = await pool.acquire()
+            slot = await pool.acquire()
             order.append(i)
-            pool.release(engine)
+            pool.release(slot)
 
         tasks = [asyncio.create_task(wait(i)) for i in range(3)]
         await asyncio.sleep(0)
@@ -521,3 +545,110 @@ def test_bad_setting_exits_with_a_clear_message():
     env = {**os.environ, "N_PARALLEL": "0"}
     out = subprocess.run([sys.executable, "main.py"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "N_PARALLEL=0 is out of range" in out.stderr and "Traceback" not in out.stderr
+
+
+# -- the faults a code reading found: each test failed before its fix ---------------------------------------------
+
+async def _until(check, what: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, what
+        await asyncio.sleep(0.01)
+
+
+def test_a_stream_whose_client_left_before_the_first_chunk_generates_nothing():
+    """The client is gone before the response starts: the stream's body never runs, so no generation may."""
+    fake = FakeEngine(delay=0.05)  # 50 tokens: 2.5 s
+    app = create_app(Settings(max_queue=4), slots=[fake])
+    body = json.dumps({"prompt": " ".join(["w"] * 50), "max_tokens": 50, "stream": True}).encode()
+    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
+             "method": "POST", "scheme": "http", "path": COMP, "raw_path": COMP.encode(), "query_string": b"",
+             "root_path": "", "headers": [(b"content-type", b"application/json")], "client": ("test", 1),
+             "server": ("test", 80)}
+
+    async def main():
+        messages = [{"type": "http.request", "body": body, "more_body": False}]
+
+        async def receive():
+            return messages.pop(0) if messages else {"type": "http.disconnect"}  # gone at once
+
+        async def send(message):
+            if message["type"] == "http.response.start":
+                assert message["status"] == 200, message
+
+        await app(scope, receive, send)
+        await asyncio.sleep(0.5)  # a generation left running is still running now
+        return fake.running, fake.made
+
+    running, made = asyncio.run(main())
+    assert running == 0 and made < 10, f"the abandoned stream kept generating ({made} tokens so far)"
+
+
+def test_preparing_a_prompt_holds_no_slot():
+    """A request whose tokenization is slow (or that is cancelled meanwhile) cannot hold up or share a slot."""
+    fake = FakeEngine()
+    app = create_app(Settings(max_queue=4), slots=[fake])
+
+    async def main():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=30) as c:
+            slow = asyncio.create_task(c.post(COMP, json={"prompt": "slow one", "max_tokens": 2}))
+            await _until(lambda: fake.tokenizing == 1, "the slow request did not start tokenizing")
+            quick = await asyncio.wait_for(c.post(COMP, json={"prompt": "one two", "max_tokens": 2}), 10)
+            assert quick.status_code == 200 and quick.json()["choices"][0]["text"] == "one two "
+            fake.proceed.set()
+            assert (await slow).json()["choices"][0]["text"] == "slow one "
+
+    asyncio.run(main())
+
+
+class _CancelAfter:
+    """An Event whose is_set() turns true from its n-th call on (the cancel flag of a client that left)."""
+
+    def __init__(self, n: int) -> None:
+        self.n, self.calls = n, 0
+
+    def is_set(self) -> bool:
+        self.calls += 1
+        return self.calls >= self.n
+
+    def set(self) -> None:
+        self.n = 0
+
+
+def test_cancel_stops_a_generation_whose_text_the_stop_scanner_holds_back():
+    """The text " 5, 6, 7, ..." keeps matching the start of the stop string, so no piece is emitted; the cancel
+    must still stop it before the next step."""
+    engine = Engine(Settings(n_ctx=128, n_threads=2, tree="default"), slots=1)
+    try:
+        (view,) = engine.views()
+        stop = " 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20 x"
+        params = SamplingParams(max_tokens=48, temperature=0, stop=(stop,))
+        events, results = [], []
+        _run_choices(view, [_Choice(0, view.tokenize(COUNTING), params)], events.append, _CancelAfter(4),
+                     results.append)
+        assert events == [] and len(results) == 1
+        assert len(results[0].tokens) < 24, f"{len(results[0].tokens)} tokens after the cancel"
+        assert engine.batcher.active == 0
+    finally:
+        engine.close()
+
+
+def test_a_queued_stream_sends_keep_alive_comments():
+    fake = FakeEngine(delay=0.5)
+    app = create_app(Settings(max_queue=4, sse_keepalive_s=1), slots=[fake])
+
+    async def main():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=30) as c:
+            busy = asyncio.create_task(c.post(COMP, json={"prompt": "a b c d e f", "max_tokens": 6}))
+            await _until(lambda: fake.running == 1, "the first request did not start")
+            streamed = await c.post(COMP, json={"prompt": "one two", "max_tokens": 2, "stream": True})
+            assert (await busy).status_code == 200
+        return streamed.text
+
+    text = asyncio.run(main())
+    events = text.split("\n\n")
+    first_data = next(i for i, e in enumerate(events) if e.startswith("data: "))
+    assert first_data >= 1 and all(e.startswith(": keep-alive") for e in events[:first_data]), events[:first_data + 1]
+    assert events[-2] == "data: [DONE]"
