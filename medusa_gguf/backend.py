@@ -517,6 +517,13 @@ class Backend:
                 f"(raise N_CTX, up to the model's training context {self.n_ctx_train})"
             )
 
+    def reserve(self, n_cells: int) -> int:
+        """Make room for `n_cells` more cells if it takes a compaction and one is possible now (no tree waits for
+        its commit); returns the cells free after the last used one."""
+        if self._used + n_cells > self._n_cells and not any(st.tree is not None for st in self._states):
+            self._compact()
+        return self._n_cells - self._used
+
     def _make_room(self, n_cells: int) -> None:
         """Compact when `n_cells` more cells would not fit after the last used one."""
         if self._used + n_cells <= self._n_cells:

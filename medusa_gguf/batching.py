@@ -155,8 +155,7 @@ class Batcher:
                 if not j.prefill:
                     out.append(j)
             out += [j for j in live if j.prefill and j.n_left <= EXACT_BATCH]
-            for call in _pack(out):
-                self._call(call, outputs=True)
+            calls: list[tuple[list, bool]] = [(call, True) for call in _pack(out)]
             # one silent call with the next chunks of longer prompts (each keeps at least its last token back)
             room, chunk = EXACT_BATCH, []
             for j in live:
@@ -165,7 +164,16 @@ class Batcher:
                     chunk.append((j, n))
                     room -= n
             if chunk:
-                self._call(chunk, outputs=False)
+                calls.append((chunk, False))
+            # room for the whole round first: once a call's trees wait for their commits, no compaction is possible
+            sizes = [sum(n for _, n in c) if not outputs else sum(j.n_left if j.prefill else len(j.tokens) for j in c)
+                     for c, outputs in calls]
+            free = be.reserve(sum(sizes))
+            for (call, outputs), size in zip(calls, sizes):
+                if size > free:  # what does not fit waits for the next round, after the commits
+                    break
+                free -= size
+                self._call(call, outputs=outputs)
 
     def _call(self, call: list, *, outputs: bool) -> None:
         """One decode_batch call. `call`: jobs (outputs=True, chains before trees) or (prefill job, n tokens)."""

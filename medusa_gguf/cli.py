@@ -277,9 +277,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     srv.add_argument("--host", help="address to listen on [HOST, default 127.0.0.1]")
     srv.add_argument("--port", type=int, help="port to listen on [PORT, default 8000]")
-    srv.add_argument("--parallel", type=int, help="engines, one request each at a time [N_PARALLEL, default 1]")
+    srv.add_argument("--parallel", type=int, help="requests served at once, their decodes batched in one context [N_PARALLEL, default 4]")
     srv.add_argument(
-        "--max-queue", type=int, help="requests that may wait for an engine, more get 503 [MAX_QUEUE, default 16]"
+        "--max-queue", type=int, help="requests that may wait for a slot, more get 503 [MAX_QUEUE, default 16]"
     )
     _add_model_args(srv)
     srv.set_defaults(func=_cmd_serve)

@@ -5,8 +5,10 @@
 
 At each concurrency level, that many clients send streaming chat completions back to back (greedy by default,
 prompts taken in turn from a fixed list), each client `--requests` times. Reported per level: completion tokens
-per second over the level's wall time, request latency and time to first token (p50/p95), and failed requests
-(a 503 from a full queue counts as failed). Standard library only, so it runs from any Python 3.11.
+per second over the level's wall time, request latency and time to first token (p50/p95), failed requests (a 503
+from a full queue counts as failed), and how many greedy answers differ from the same prompt's answer at the first
+level (one client: the output alone). Standard library only, so it runs from any Python 3.11; it works against any
+OpenAI-compatible server (llama-server too).
 """
 from __future__ import annotations
 
@@ -40,6 +42,8 @@ class Sample:
     ttft_s: float | None
     completion_tokens: int
     error: str | None = None
+    prompt: str = ""
+    text: str = ""
 
 
 @dataclass
@@ -56,6 +60,7 @@ class Level:
     ttft_p50_s: float | None
     ttft_p95_s: float | None
     first_error: str | None
+    outputs_changed: int | None = None  # greedy answers that differ from the same prompt's answer alone
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -84,7 +89,8 @@ def one_request(url: str, api_key: str | None, body: dict, timeout: float) -> Sa
     data = json.dumps(body).encode()
     req = urllib.request.Request(f"{url}/v1/chat/completions", data=data, headers=_headers(api_key))
     start = time.perf_counter()
-    ttft, tokens = None, 0
+    ttft, tokens, pieces = None, 0, []
+    prompt = body["messages"][-1]["content"]
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             for raw in resp:
@@ -94,18 +100,22 @@ def one_request(url: str, api_key: str | None, body: dict, timeout: float) -> Sa
                 event = json.loads(line[len("data: "):])
                 if "error" in event:
                     return Sample(False, time.perf_counter() - start, ttft, tokens, event["error"]["message"])
-                if ttft is None and any(c.get("delta", {}).get("content") for c in event["choices"]):
+                text = "".join(c.get("delta", {}).get("content") or "" for c in event["choices"])
+                if ttft is None and text:
                     ttft = time.perf_counter() - start
+                pieces.append(text)
                 if event.get("usage"):
                     tokens = event["usage"]["completion_tokens"]
     except urllib.error.HTTPError as exc:
         return Sample(False, time.perf_counter() - start, None, 0, f"HTTP {exc.code}: {exc.read()[:200]!r}")
     except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
         return Sample(False, time.perf_counter() - start, None, 0, repr(exc))
-    return Sample(True, time.perf_counter() - start, ttft, tokens)
+    return Sample(True, time.perf_counter() - start, ttft, tokens, prompt=prompt, text="".join(pieces))
 
 
-def run_level(url: str, api_key: str | None, model: str, concurrency: int, args: argparse.Namespace) -> Level:
+def run_level(url: str, api_key: str | None, model: str, concurrency: int, args: argparse.Namespace,
+              reference: dict[str, str]) -> Level:
+    """One level; answers are compared with `reference` (prompt -> its answer alone) when it is given."""
     def client(c: int) -> list[Sample]:
         samples = []
         for r in range(args.requests):
@@ -126,11 +136,13 @@ def run_level(url: str, api_key: str | None, model: str, concurrency: int, args:
     latencies = [s.latency_s for s in ok]
     ttfts = [s.ttft_s for s in ok if s.ttft_s is not None]
     errors = [s.error for s in samples if not s.ok]
+    changed = sum(s.text != reference[s.prompt] for s in ok) if reference else None
     return Level(
         concurrency=concurrency, requests=len(samples), failed=len(errors), completion_tokens=tokens, wall_s=wall,
         tokens_per_s=tokens / wall, requests_per_s=len(ok) / wall,
         latency_p50_s=percentile(latencies, 50), latency_p95_s=percentile(latencies, 95),
         ttft_p50_s=percentile(ttfts, 50), ttft_p95_s=percentile(ttfts, 95), first_error=errors[0] if errors else None,
+        outputs_changed=changed,
     )
 
 
@@ -140,13 +152,14 @@ def markdown(levels: list[Level]) -> str:
 
     rows = [
         "| clients | requests | failed | tokens/s | requests/s | latency p50 (s) | latency p95 (s) "
-        "| TTFT p50 (s) | TTFT p95 (s) |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| TTFT p50 (s) | TTFT p95 (s) | answers changed |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for lv in levels:
         rows.append(
             f"| {lv.concurrency} | {lv.requests} | {lv.failed} | {lv.tokens_per_s:.1f} | {lv.requests_per_s:.2f} | "
-            f"{s(lv.latency_p50_s)} | {s(lv.latency_p95_s)} | {s(lv.ttft_p50_s)} | {s(lv.ttft_p95_s)} |"
+            f"{s(lv.latency_p50_s)} | {s(lv.latency_p95_s)} | {s(lv.ttft_p50_s)} | {s(lv.ttft_p95_s)} | "
+            f"{'-' if lv.outputs_changed is None else lv.outputs_changed} |"
         )
     return "\n".join(rows)
 
@@ -169,9 +182,18 @@ def main(argv: list[str] | None = None) -> int:
     model = served_model(url, args.api_key)
     one_request(url, args.api_key, {"model": model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4,
                                     "stream": True}, args.timeout)  # warm-up
+    reference: dict[str, str] = {}
+    if args.temperature == 0:
+        for prompt in PROMPTS:
+            sample = one_request(url, args.api_key, {
+                "model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": args.max_tokens,
+                "temperature": 0, "stream": True}, args.timeout)
+            if not sample.ok:
+                raise SystemExit(f"the reference request failed: {sample.error}")
+            reference[prompt] = sample.text
     levels = []
     for c in (int(x) for x in args.concurrency.split(",")):
-        levels.append(run_level(url, args.api_key, model, c, args))
+        levels.append(run_level(url, args.api_key, model, c, args, reference))
         print(f"{c} clients: {levels[-1].tokens_per_s:.1f} tokens/s, {levels[-1].failed} failed", file=sys.stderr)
     print(f"model {model} at {url}, max_tokens={args.max_tokens}, temperature={args.temperature}, "
           f"{args.requests} requests per client\n")

@@ -77,18 +77,21 @@ def test_concurrent_requests_give_what_they_give_alone(prompts, alone, tree):
         engine.close()
 
 
-def test_trash_compaction_under_load_keeps_outputs_exact(prompts, alone):
-    """Per-slot windows of 128 leave 128 slack cells for 6 texts' discarded tree nodes: compactions must happen."""
-    short = [p[:40] for p in prompts]
+def test_trash_compaction_under_load_keeps_outputs_exact(backend):
+    """Per-slot windows of 128 leave 128 slack cells for 10 texts' discarded tree nodes: compactions must happen,
+    and with 10 trees of 10 nodes a round takes two calls, so the room for both is made before the first."""
+    short = [p[:40] for p in heldout_chat_prompts(backend, 10)]
+    params = SamplingParams(max_tokens=60, temperature=0)
     engine = Engine(Settings(n_ctx=128, n_threads=2, tree="default"), slots=len(short))
     try:
         ref = []
         for p in short:
             r = GenerationResult()
-            list(engine.generate(p, SamplingParams(max_tokens=60, temperature=0), r))
+            list(engine.generate(p, params, r))
             ref.append(r.tokens)
-        results = run_together(engine, short, SamplingParams(max_tokens=60, temperature=0))
+        results = run_together(engine, short, params)
         assert engine.backend.compactions > 0, "the test did not reach a compaction"
+        assert engine.batcher.stats.calls > engine.batcher.stats.rounds, "no round took two calls"
         assert [r.tokens for r in results] == ref
     finally:
         engine.close()
