@@ -47,7 +47,7 @@ import re
 import time
 from collections import deque
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
@@ -166,15 +166,20 @@ class _PendingTree:
     leaves: tuple[int, ...]  # the leaf sequence ids
     call: int  # the decode call that wrote its cells (Backend._calls)
     at_end: bool  # its cells were the last ones that call wrote
+    tokens: tuple[int, ...] = ()
 
 
 @dataclass
 class SeqState:
-    """One text in the KV cache: its sequence id, its length and the tree decoded after it last, if any."""
+    """One text in the KV cache: its sequence id, its tokens and the tree decoded after it last, if any."""
 
     seq: int
-    n_past: int = 0
     tree: _PendingTree | None = None
+    tokens: list[int] = field(default_factory=list)  # the text's committed tokens, position by position
+
+    @property
+    def n_past(self) -> int:
+        return len(self.tokens)
 
 
 @dataclass(frozen=True)
@@ -212,6 +217,14 @@ def prefill_spans(n: int) -> list[tuple[int, int]]:
     outputs. Small calls keep every prompt token's cells and outputs independent of what else the cache holds, so
     a prompt served next to others gives what it gives alone (about 5% slower than chunks of 512 here)."""
     return [(start, min(start + EXACT_BATCH, n)) for start in range(0, n, EXACT_BATCH)]
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int], cap: int) -> int:
+    n = min(len(a), len(b), cap)
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return max(n, 0)
 
 
 def tree_leaves(parents: Sequence[int]) -> list[int]:
@@ -555,7 +568,7 @@ class Backend:
         """Forget everything: empty KV cache, every text empty."""
         lc.llama_memory_clear(self._mem, True)
         for st in self._states:
-            st.n_past, st.tree = 0, None
+            st.tokens, st.tree = [], None
         self._used = 0
 
     def release(self, state: SeqState) -> None:
@@ -568,7 +581,7 @@ class Backend:
         if state.n_past:
             lc.llama_memory_seq_cp(self._mem, state.seq, self.trash_seq, -1, -1)
             lc.llama_memory_seq_rm(self._mem, state.seq, -1, -1)
-        state.n_past = 0
+        state.tokens = []
 
     def decode_batch(self, works: Sequence[Work]) -> list[DecodeOutput | None]:
         """One llama_decode for several texts' chains and trees (at most EXACT_BATCH tokens when cells are kept for
@@ -662,9 +675,9 @@ class Backend:
             if w.parents is not None:
                 _, parents, depths, leaf_seq, leaves = tree_of[id(st)]
                 st.tree = _PendingTree(parents, depths, tuple(leaf_seq), tuple(leaves), self._calls,
-                                       at_end=k == len(works) - 1)
+                                       at_end=k == len(works) - 1, tokens=tuple(w.tokens))
             else:
-                st.n_past += n
+                st.tokens.extend(w.tokens)
             wanted = {"all": range(row, row + n), "last": range(row + n - 1, row + n)}.get(
                 "all" if w.parents is not None else w.outputs)
             feats = features[row : row + n] if features is not None else None
@@ -703,8 +716,12 @@ class Backend:
         if at_end:
             self._used -= len(tree.parents) - 1 - last_kept
         self._discard(state)
-        state.n_past += len(kept)
+        state.tokens.extend(tree.tokens[i] for i in kept)
         return len(kept)
+
+    def discard_tree(self, state: SeqState) -> None:
+        """Drop the text's pending tree, if any (a generation that ended between decode_tree and commit)."""
+        self._discard(state)
 
     def _discard(self, state: SeqState) -> None:
         """Drop the leaf sequences of the text's pending tree (cells only they hold are freed)."""
@@ -782,15 +799,36 @@ class Backend:
 
     def rollback(self, n_past: int) -> None:
         """Forget committed tokens at positions >= n_past (their cells join the trash)."""
-        st = self._main
-        if not 0 <= n_past <= st.n_past:
-            raise ValueError(f"cannot roll back to {n_past}: the context holds {st.n_past} tokens")
-        self._discard(st)
-        if n_past < st.n_past:
-            lc.llama_memory_seq_cp(self._mem, st.seq, self.trash_seq, n_past, -1)
-        if not lc.llama_memory_seq_rm(self._mem, st.seq, n_past, -1):
+        self.trim(self._main, n_past)
+
+    def trim(self, state: SeqState, n_past: int) -> None:
+        """Forget a text's tokens at positions >= n_past (their cells join the trash)."""
+        if not 0 <= n_past <= state.n_past:
+            raise ValueError(f"cannot roll back to {n_past}: the context holds {state.n_past} tokens")
+        self._discard(state)
+        if n_past < state.n_past:
+            lc.llama_memory_seq_cp(self._mem, state.seq, self.trash_seq, n_past, -1)
+        if not lc.llama_memory_seq_rm(self._mem, state.seq, n_past, -1):
             raise BackendError(f"llama.cpp refused to remove positions >= {n_past}")
-        st.n_past = n_past
+        del state.tokens[n_past:]
+
+    def reuse_prefix(self, state: SeqState, tokens: Sequence[int]) -> int:
+        """Start `state`'s new text `tokens` from the longest prefix of them that some text in the cache (its own
+        old one included) already holds, short of the last token (whose outputs the caller needs): those cells
+        are shared, not decoded again. Returns the tokens reused. A cell's contents depend only on the tokens up
+        to it (every call is at most EXACT_BATCH tokens), so the result is bit-identical to decoding them."""
+        cap = len(tokens) - 1
+        best, k = state, _common_prefix(state.tokens, tokens, cap)
+        for other in self._states:
+            if other is not state and (n := _common_prefix(other.tokens, tokens, cap)) > k:
+                best, k = other, n
+        if best is state:
+            self.trim(state, k) if k else self.release(state)
+            return k
+        self.release(state)
+        lc.llama_memory_seq_cp(self._mem, best.seq, state.seq, 0, k)
+        state.tokens = list(tokens[:k])
+        return k
 
     def extract_hidden(self, sequences: Sequence[Sequence[int]]) -> list[np.ndarray]:
         """Final hidden states [len(seq), n_embd] for every token of every sequence, many sequences per call.

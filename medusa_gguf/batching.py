@@ -11,6 +11,10 @@ round for all of them:
 Then each thread verifies and commits its own text. Every call keeps at most EXACT_BATCH tokens, so each row's
 results are bit-identical to those it gets alone: greedy output does not depend on the load.
 
+A finished request's text stays in its slot's cells as a prompt cache: a new prompt starts from the longest prefix
+any text in the cache holds (the chat template's system prompt, the conversation so far), shared, not decoded
+again (`Backend.reuse_prefix`). Not with layer taps on: an EAGLE-3 drafter needs every prompt token's features.
+
 llama.cpp is only ever called by one thread at a time (`_llama`, a lock held around every call and cache edit).
 """
 from __future__ import annotations
@@ -60,6 +64,8 @@ class BatchStats:
     tokens: int = 0  # tokens decoded, prompt chunks included
     step_rows: int = 0  # tokens of the calls with outputs (steps, trees, last prompt chunks)
     early_rounds: int = 0  # rounds started before every active slot had asked (max_wait_s)
+    prompt_tokens: int = 0  # prompt tokens of the requests served
+    reused_tokens: int = 0  # of those, read from the cache (a prefix some text held) instead of decoded
     seconds: float = 0.0  # inside llama.cpp calls
 
 
@@ -90,7 +96,7 @@ class Batcher:
 
     def _leave(self, slot: "Slot") -> None:
         with self._llama:
-            self.backend.release(slot.state)
+            self.backend.discard_tree(slot.state)  # the text itself stays: a prompt cache for the next requests
         with self._cond:
             self._active -= 1
             self._cond.notify_all()  # the others may all be waiting now
@@ -242,7 +248,7 @@ class Slot:
 
     @contextmanager
     def serving(self, cancelled: Callable[[], bool] | None = None) -> Iterator["Slot"]:
-        """Counts the slot as active (rounds wait for its work) until the generation ends; then empties its text."""
+        """Counts the slot as active (rounds wait for its work) until the generation ends; its text stays cached."""
         if self._in_use:
             raise RuntimeError(f"slot {self.state.seq} is already serving a request")
         self._in_use = True
@@ -281,8 +287,12 @@ class Slot:
             raise ValueError("cannot prefill an empty prompt")
         if len(tokens) > self.n_ctx:
             raise ContextLengthError(f"prompt of {len(tokens)} tokens exceeds the context window n_ctx={self.n_ctx}")
-        self.batcher._edit(self.backend.release, self.state)
-        return self.batcher._submit(_Job(self, list(tokens), prefill=True))
+        reused = 0 if self.backend.taps else self.batcher._edit(self.backend.reuse_prefix, self.state, tokens)
+        if self.backend.taps:
+            self.batcher._edit(self.backend.release, self.state)
+        self.batcher.stats.prompt_tokens += len(tokens)
+        self.batcher.stats.reused_tokens += reused
+        return self.batcher._submit(_Job(self, list(tokens), prefill=True, offset=reused))
 
     def append(self, tokens: Sequence[int]) -> DecodeOutput:
         return self.batcher._submit(_Job(self, list(tokens)))
