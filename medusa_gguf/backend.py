@@ -67,6 +67,7 @@ LLAMA_MAX_SEQ = 256  # llama.cpp's limit on sequence ids (src/llama-cparams.h)
 MAX_SLOTS = LLAMA_MAX_SEQ - MAX_TREE_LEAVES - 1
 EXACT_BATCH = 63  # largest call whose outputs equal single-token decoding bit for bit (measured, see above)
 DEFAULT_N_BATCH = 512
+COMPACT_TRASH = 1024  # trash cells beyond which batching.Batcher compacts before a round (Backend.reserve)
 
 
 class BackendError(RuntimeError):
@@ -532,8 +533,12 @@ class Backend:
 
     def reserve(self, n_cells: int) -> int:
         """Make room for `n_cells` more cells if it takes a compaction and one is possible now (no tree waits for
-        its commit); returns the cells free after the last used one."""
-        if self._used + n_cells > self._n_cells and not any(st.tree is not None for st in self._states):
+        its commit); returns the cells free after the last used one. Compacts early, too, once the trash outgrows
+        the texts (and COMPACT_TRASH cells): every token's attention walks the cache up to its last used cell, and
+        llama.cpp builds each call's mask over that range, so a long trash costs every step of every text."""
+        live = sum(st.n_past for st in self._states)
+        full = self._used + n_cells > self._n_cells
+        if (full or self._used - live > max(COMPACT_TRASH, live)) and not any(st.tree for st in self._states):
             self._compact()
         return self._n_cells - self._used
 

@@ -7,12 +7,14 @@
 # (2 requests per client, 64 tokens, greedy; every answer compared with the same prompt's answer alone).
 # JSON: docs/load_bench_{plain,default,llama_server}.json.
 #   bash scripts/load_bench_modes.sh [port] [extra load_bench.py flags...]
+# LEVELS=16,32 MODES="plain" ... runs a part (modes: plain default llama_server).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 port=${1:-8765}
 shift || true
 mkdir -p runs
-levels=1,4,16,32
+levels=${LEVELS:-1,4,16,32}
+modes=${MODES:-plain default llama_server}
 slots=16
 model=$(.venv/bin/python -c "from medusa_gguf.models import embedded_model_path; print(embedded_model_path())")
 server=$(.venv/bin/python -c "import sys; sys.path.insert(0, 'scripts'); import llama_server_peer as p; print(p.build_llama_server(2))")
@@ -31,7 +33,11 @@ run() {  # name, command...
 }
 
 extra=("$@")
-for tree in plain default; do
-  run "$tree" env PORT=$port TREE=$tree N_PARALLEL=$slots MAX_QUEUE=32 N_CTX=1024 N_THREADS=2 .venv/bin/python main.py
+for mode in $modes; do
+  if [ "$mode" = llama_server ]; then
+    run llama_server "$server" -m "$model" --port $port -t 2 -np $slots -c $((slots * 1024)) --no-webui
+  else
+    run "$mode" env PORT=$port TREE=$mode N_PARALLEL=$slots MAX_QUEUE=32 N_CTX=1024 N_THREADS=2 \
+        .venv/bin/python main.py
+  fi
 done
-run llama_server "$server" -m "$model" --port $port -t 2 -np $slots -c $((slots * 1024)) --no-webui
