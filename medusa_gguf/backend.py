@@ -53,7 +53,13 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
-import llama_cpp as lc
+# ggml's tiled K-quant matmul (Q4_K, Q6_K, ...) takes over from 8 rows on and sums in another order than the
+# single-row kernel: a Q4_K_M model's batched calls then differ from single-token decoding (logits ~0.9 apart after
+# a prompt). ggml reads the switch once per process, at the first matmul, so it is set before llama_cpp loads.
+# The price, measured on Gemma 3 270M Q4_K_M: prefill 372 instead of 449 tokens/s; decoding is unchanged.
+os.environ.setdefault("GGML_CPU_TILED_MM", "0")
+
+import llama_cpp as lc  # noqa: E402  (after the switch above)
 
 from .models import GGUFInfo, inspect_gguf, resolve_model_path
 from .settings import Settings
@@ -319,23 +325,25 @@ class Backend:
         self._new_context()
         self.taps: tuple[int, ...] = ()  # layers whose inputs every decode returns (tap_layers)
         self._taps_fn = None
+        self.extra_bufts_note = self._check_repacked_weights()
         log.info(
             "loaded %s (%s, %.1f MB, vocab %d, width %d, %d layers) n_ctx=%d threads=%s gpu_layers=%d "
-            "weight buffers: %s; KV cache %s (%s)",
+            "weight buffers: %s%s; KV cache %s (%s)",
             self.model_path, self.info.architecture, self.info.size_bytes / 1e6, self.n_vocab, self.n_embd,
             self.n_layer, self.n_ctx, self.n_threads, settings.n_gpu_layers,
             ", ".join(f"{k} {v:.1f} MiB" for k, v in self.weight_buffers.items()) or "not reported",
-            self.kv_type, self.kv_reason,
+            f" ({self.extra_bufts_note})" if self.extra_bufts_note else "", self.kv_type, self.kv_reason,
         )
 
     # -- loading ---------------------------------------------------------------------------------------------
 
-    def _load_model(self) -> None:
+    def _load_model(self, extra_bufts: bool | None = None) -> None:
         params = lc.llama_model_default_params()
         params.n_gpu_layers = self.settings.n_gpu_layers if self.settings.n_gpu_layers >= 0 else 2**31 - 1
         params.use_mmap = self.settings.use_mmap
         params.use_mlock = self.settings.use_mlock
-        params.use_extra_bufts = self.settings.use_extra_bufts
+        params.use_extra_bufts = self.settings.use_extra_bufts is not False if extra_bufts is None else extra_bufts
+        self.extra_bufts = bool(params.use_extra_bufts)
         with _capture_llama_log() as lines:
             self._model = lc.llama_model_load_from_file(str(self.model_path).encode(), params)
         if not self._model:
@@ -375,6 +383,37 @@ class Backend:
         self._calls = 0  # decode_batch calls so far
         self.compactions = 0
         self._batch = lc.llama_batch_init(self.n_batch, 0, self.n_seq_max)
+
+    def _check_repacked_weights(self) -> str:
+        """USE_EXTRA_BUFTS=auto: repacked weights must not make a batched call differ from single-token decoding.
+        Q4_0's repacked kernels pass here; Q4_K's (8x8 gemm from 4 rows on, gemv below) do not, so such a model is
+        loaded again without the extra buffer types. Returns what was decided, for the log; '' when nothing was."""
+        if self.settings.use_extra_bufts is not None or "CPU_REPACK" not in self.weight_buffers or self.streams:
+            return ""
+        repacked = self.weight_buffers["CPU_REPACK"]
+        if self.batch_invariant():
+            return "repacked weights checked: a batched call equals single-token decoding"
+        log.info("the repacked weights (CPU_REPACK %.1f MiB) make a batched call differ from single-token decoding; "
+                    "loading %s again without llama.cpp's extra buffer types (USE_EXTRA_BUFTS=true keeps them)",
+                    repacked, self.model_path.name)
+        lc.llama_batch_free(self._batch)
+        lc.llama_free(self._ctx)
+        lc.llama_model_free(self._model)
+        self._batch = self._ctx = self._model = None
+        self._load_model(extra_bufts=False)
+        self._new_context()
+        return f"no repacking: with CPU_REPACK {repacked:.1f} MiB a batched call differed from single-token decoding"
+
+    def batch_invariant(self, n: int = 12) -> bool:
+        """Whether the last of `n` tokens decoded in one call gets the logits it gets when every token is decoded
+        alone (what trees and batched slots rely on). Leaves the cache empty."""
+        tokens = self.tokenize("The river runs past the old mill, under two bridges and into the sea.")[:n]
+        together = self.prefill(tokens).logits[-1]
+        self.prefill(tokens[:1])
+        for t in tokens[1:]:
+            alone = self.append([t]).logits[-1]
+        self.reset()
+        return bool(np.array_equal(together, alone))
 
     def close(self) -> None:
         if self._batch is not None:
@@ -971,7 +1010,7 @@ class PromptLookup:
 
         def patched():  # the high-level class has no switch for the extra buffer types (AMX, see Settings)
             params = default_params()
-            params.use_extra_bufts = settings.use_extra_bufts
+            params.use_extra_bufts = settings.use_extra_bufts is not False
             return params
 
         low.llama_model_default_params = patched

@@ -206,7 +206,7 @@ def cost_key(backend: Backend) -> tuple[str, dict]:
         "system_info": lc.llama_print_system_info().decode(errors="replace").strip(),
         "cpu": _cpu_name(),
         "threads": backend.n_threads,
-        "extra_bufts": s.use_extra_bufts,
+        "extra_bufts": backend.extra_bufts,
         "n_ctx": backend.n_ctx,
         "gpu_layers": s.n_gpu_layers,
         "flash_attn": backend.flash_attn,

