@@ -41,6 +41,7 @@ returns the tapped layers' inputs for EVERY token of the call, prefill's silent 
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import logging
 import os
 import re
@@ -78,6 +79,10 @@ COMPACT_TRASH = 1024  # trash cells beyond which batching.Batcher compacts befor
 
 class BackendError(RuntimeError):
     """llama.cpp refused an operation; the message says which and why."""
+
+
+class NoChatTemplate(BackendError, ValueError):
+    """A chat was asked of a model whose GGUF has no chat template."""
 
 
 class ContextLengthError(BackendError, ValueError):
@@ -283,6 +288,9 @@ def path_to(parents: Sequence[int], node: int) -> list[int]:
     return path[::-1]
 
 
+_REPACK_INVARIANT: dict[tuple, bool] = {}  # (model path, size, gpu layers) -> repacked weights are batch-invariant
+
+
 class Backend:
     """One llama.cpp model and context. Not thread-safe: one thread at a time (batching.py serves many requests
     from one Backend through one thread at a time)."""
@@ -327,11 +335,11 @@ class Backend:
         self._taps_fn = None
         self.extra_bufts_note = self._check_repacked_weights()
         log.info(
-            "loaded %s (%s, %.1f MB, vocab %d, width %d, %d layers) n_ctx=%d threads=%s gpu_layers=%d "
+            "loaded %s (%s, %.1f MB, vocab %d, width %d, %d layers%s) n_ctx=%d threads=%s gpu_layers=%d "
             "weight buffers: %s%s; KV cache %s (%s)",
             self.model_path, self.info.architecture, self.info.size_bytes / 1e6, self.n_vocab, self.n_embd,
-            self.n_layer, self.n_ctx, self.n_threads, settings.n_gpu_layers,
-            ", ".join(f"{k} {v:.1f} MiB" for k, v in self.weight_buffers.items()) or "not reported",
+            self.n_layer, f", sliding window {self.n_swa}" if self.n_swa else "", self.n_ctx, self.n_threads,
+            settings.n_gpu_layers, ", ".join(f"{k} {v:.1f} MiB" for k, v in self.weight_buffers.items()) or "not reported",
             f" ({self.extra_bufts_note})" if self.extra_bufts_note else "", self.kv_type, self.kv_reason,
         )
 
@@ -355,6 +363,7 @@ class Backend:
         self.n_embd = lc.llama_model_n_embd(self._model)
         self.n_layer = lc.llama_model_n_layer(self._model)
         self.n_ctx_train = lc.llama_model_n_ctx_train(self._model)
+        self.n_swa = lc.llama_model_n_swa(self._model)  # sliding-window attention's window (0: none)
 
     def _new_context(self) -> None:
         params = lc.llama_context_default_params()
@@ -388,10 +397,17 @@ class Backend:
         """USE_EXTRA_BUFTS=auto: repacked weights must not make a batched call differ from single-token decoding.
         Q4_0's repacked kernels pass here; Q4_K's (8x8 gemm from 4 rows on, gemv below) do not, so such a model is
         loaded again without the extra buffer types. Returns what was decided, for the log; '' when nothing was."""
-        if self.settings.use_extra_bufts is not None or "CPU_REPACK" not in self.weight_buffers or self.streams:
+        if self.settings.use_extra_bufts is not None or "CPU_REPACK" not in self.weight_buffers:
             return ""
         repacked = self.weight_buffers["CPU_REPACK"]
-        if self.batch_invariant():
+        key = (str(self.model_path), self.info.size_bytes, self.settings.n_gpu_layers)
+        if key not in _REPACK_INVARIANT:
+            if self.streams:  # independent streams cannot run the probe: a context of one text can
+                with Backend(dataclasses.replace(self.settings, n_ctx=256), n_batch=64) as probe:
+                    _REPACK_INVARIANT[key] = probe.extra_bufts
+            else:
+                _REPACK_INVARIANT[key] = self.batch_invariant()
+        if _REPACK_INVARIANT[key]:
             return "repacked weights checked: a batched call equals single-token decoding"
         log.info("the repacked weights (CPU_REPACK %.1f MiB) make a batched call differ from single-token decoding; "
                     "loading %s again without llama.cpp's extra buffer types (USE_EXTRA_BUFTS=true keeps them)",
@@ -469,11 +485,26 @@ class Backend:
         """End of generation: EOS, EOT and the like."""
         return bool(lc.llama_vocab_is_eog(self._vocab, token))
 
+    @property
+    def has_chat_template(self) -> bool:
+        """Whether the GGUF holds a chat template: an instruction-tuned model. A base model has none and continues text."""
+        return bool(lc.llama_model_chat_template(self._model, None))
+
+    def render(self, messages: Sequence[dict[str, str]], *, add_generation_prompt: bool = True) -> str:
+        """The text the model reads for these messages, where training data and benchmark prompts are made: the chat
+        template's rendering; for a base model the contents one after another, so a user turn is a prompt and an
+        assistant turn its continuation. Serving stays strict (`apply_chat_template`): a chat for a base model is
+        refused there, not guessed."""
+        if self.has_chat_template:
+            return self.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+        return "".join(m["content"] for m in messages)
+
     def apply_chat_template(self, messages: Sequence[dict[str, str]], *, add_generation_prompt: bool = True) -> str:
         """Render chat messages with the template stored in the GGUF file."""
         tmpl = lc.llama_model_chat_template(self._model, None)
         if not tmpl:
-            raise BackendError(f"{self.model_path} has no chat template; send a plain prompt instead")
+            raise NoChatTemplate(f"{self.model_path.name} has no chat template (a base model: it continues text); "
+                                 f"send a plain prompt instead (/v1/completions, or --raw on the command line)")
         encoded = [(m["role"].encode(), m["content"].encode()) for m in messages]
         chat = (lc.llama_chat_message * len(encoded))(*[lc.llama_chat_message(r, c) for r, c in encoded])
         cap = 2 * sum(len(r) + len(c) for r, c in encoded) + 256

@@ -127,7 +127,7 @@ def run_bench(settings: Settings, prompts: list[dict], max_tokens: int, *, stati
         log.info("no EAGLE-3 drafter given or shipped: the eagle3 methods are left out")
     lookup = PromptLookup(settings)
     params = SamplingParams(max_tokens=max_tokens)
-    tokenized = [engine.chat_prompt([{"role": "user", "content": p["prompt"]}]) for p in prompts]
+    tokenized = [engine.prompt(p["prompt"]) for p in prompts]
 
     def medusa(plan) -> Callable[[list[int]], GenerationResult]:
         def go(tokens: list[int]) -> GenerationResult:

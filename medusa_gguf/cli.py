@@ -46,7 +46,10 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     )
     engine = Engine(_settings(args))
     try:
-        if args.raw:
+        if args.raw or not engine.backend.has_chat_template:
+            if not args.raw:
+                log.info("%s has no chat template (a base model): the prompt is sent as plain text",
+                         engine.backend.model_path.name)
             tokens = engine.tokenize(args.prompt)
         else:
             system = [{"role": "system", "content": args.system}] if args.system else []

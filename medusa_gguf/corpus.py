@@ -271,9 +271,9 @@ def _settings(model: Backend | Settings | Path | str | None) -> Settings:
 
 def expected_manifest(backend: Backend, model_sha256: str, gen: Generation) -> Manifest:
     """What a store for this model and setting must say, from the model's own chat template."""
-    fmt = backend.apply_chat_template([{"role": "user", "content": FORMAT_PROBE}])
-    prompt = backend.tokenize(backend.apply_chat_template([{"role": "user", "content": "x"}]))
-    full = backend.tokenize(backend.apply_chat_template(
+    fmt = backend.render([{"role": "user", "content": FORMAT_PROBE}])
+    prompt = backend.tokenize(backend.render([{"role": "user", "content": "x"}]))
+    full = backend.tokenize(backend.render(
         [{"role": "user", "content": "x"}, {"role": "assistant", "content": ""}], add_generation_prompt=False))
     n = next((i for i, (a, b) in enumerate(zip(prompt, full)) if a != b), min(len(prompt), len(full)))
     return Manifest(model_file=backend.model_path.name, model_sha256=model_sha256, chat_format=fmt,
@@ -327,7 +327,7 @@ def grow(
 def answer(backend: Backend, prompts: Sequence[Prompt], streams: int, gen: Generation,
            on_tokens=lambda n: None) -> tuple[list[Record], list[str]]:
     """Greedy answers, `streams` prompts per decode call; also the ids of prompts over max_prompt_tokens."""
-    tokens = [backend.tokenize(backend.apply_chat_template([{"role": "user", "content": p.text}])) for p in prompts]
+    tokens = [backend.tokenize(backend.render([{"role": "user", "content": p.text}])) for p in prompts]
     keep = [i for i, t in enumerate(tokens) if len(t) <= gen.max_prompt_tokens]
     skipped = [prompts[i].id for i, t in enumerate(tokens) if len(t) > gen.max_prompt_tokens]
     records = []

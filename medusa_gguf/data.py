@@ -153,7 +153,7 @@ def self_distill(backend: Backend, prompts: Sequence[str], cache: Path, *, max_n
         with open(cache, "a", encoding="utf-8") as fh:  # appended as it goes: a killed run keeps its answers
             for start in range(0, len(todo), streams):
                 group = todo[start : start + streams]
-                toks = [gen.tokenize(gen.apply_chat_template([{"role": "user", "content": p}])) for p in group]
+                toks = [gen.tokenize(gen.render([{"role": "user", "content": p}])) for p in group]
                 keep = [i for i, t in enumerate(toks) if len(t) <= max_prompt_tokens]
                 skipped += len(group) - len(keep)
                 answers = gen.greedy_batch([toks[i] for i in keep], max_new_tokens)
@@ -193,10 +193,10 @@ def tokenize_samples(backend: Backend, samples: Iterable[Sample], max_seq_len: i
         first = 0
         if s.messages:
             messages = [{"role": r, "content": c} for r, c in s.messages]
-            toks = backend.tokenize(backend.apply_chat_template(messages, add_generation_prompt=False))
+            toks = backend.tokenize(backend.render(messages, add_generation_prompt=False))
             reply = next((i for i, m in enumerate(messages) if m["role"] == "assistant"), None)
             if reply and not train_on_prompt:  # an opening assistant turn has no prompt: every row counts
-                prompt = backend.tokenize(backend.apply_chat_template(messages[:reply], add_generation_prompt=True))
+                prompt = backend.tokenize(backend.render(messages[:reply], add_generation_prompt=True))
                 first = max(0, _common_prefix(prompt, toks) - 1)
         else:
             toks = backend.tokenize(s.text or "")

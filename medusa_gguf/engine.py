@@ -146,6 +146,11 @@ class Engine:
         """Tokens of chat messages rendered with the model's own template, ready for the assistant's reply."""
         return self.backend.tokenize(self.backend.apply_chat_template(messages))
 
+    def prompt(self, text: str) -> list[int]:
+        """Tokens of one prompt as benchmarks and training present it: a user turn through the chat template, or
+        for a base model the text itself (`Backend.render`)."""
+        return self.backend.tokenize(self.backend.render([{"role": "user", "content": text}]))
+
     def generate(
         self, prompt_tokens: Sequence[int], params: SamplingParams, result: GenerationResult | None = None,
         *, plain: bool = False, backend=None, cancelled=None,

