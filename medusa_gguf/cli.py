@@ -158,6 +158,18 @@ def _cmd_export_eagle3(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .export import export_vllm
+
+    out = export_vllm(args.weights, args.output, model=args.model, dtype=args.dtype)
+    cfg = json.loads((out / "config.json").read_text())
+    print(f"wrote {out}/config.json and model.safetensors ({cfg['num_heads']} Medusa heads, draft vocabulary "
+          f"{cfg['truncated_vocab_size']} of {cfg['vocab_size']}, {args.dtype}); serve with vLLM: "
+          f"--speculative-config '{{\"method\": \"medusa\", \"model\": \"{out}\", "
+          f"\"num_speculative_tokens\": {cfg['num_heads']}}}'")
+    return 0
+
+
 def _cmd_quantize(args: argparse.Namespace) -> int:
     from .backend import quantize
     from .models import resolve_model_path
@@ -262,6 +274,23 @@ def build_parser() -> argparse.ArgumentParser:
                      help="matrix type (fc stays f32: the target's residual stream exceeds f16's range)")
     _add_model_args(exp)
     exp.set_defaults(func=_cmd_export_eagle3)
+
+    vx = sub.add_parser(
+        "export", help="write trained Medusa heads for another engine (--format vllm: vLLM's and SGLang's medusa "
+                       "draft model)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Writes OUTPUT/config.json (model_type medusa) and OUTPUT/model.safetensors (blocks.{h}.layers.{l}, "
+                    "lm_heads.{h}, token_map). Only Medusa-type heads with the paper's block export (train with "
+                    "--head_type medusa --block paper); heads sharing the model's output matrix read it from the GGUF "
+                    "(--model). The heads learned the quantized GGUF's hidden states: on an fp16 checkpoint of the "
+                    "same model expect somewhat lower acceptance (README).",
+    )
+    vx.add_argument("weights", type=Path, help="heads file (.pth / .safetensors) written by train_medusa.py")
+    vx.add_argument("output", type=Path, help="folder to write (replaced if it exists)")
+    vx.add_argument("--format", default="vllm", choices=["vllm"], help="the engine's layout")
+    vx.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"], help="tensor type")
+    _add_model_args(vx)
+    vx.set_defaults(func=_cmd_export)
 
     from .train_args import build_parser as training_parser
 

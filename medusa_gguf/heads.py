@@ -59,6 +59,9 @@ class HeadsConfig:
     own_lm_head: bool = False
     draft_vocab_size: int = 0  # 0: full vocabulary
     mix_rank: int = 0  # dependent heads: 0 = full-rank M_k; r = M_k = B_k A_k with rank r (fewer bytes per draft)
+    # "bottleneck": x + W_up SiLU(W_down x) (hidden_dim wide); "paper": x + SiLU(W x + b), W square, the Medusa
+    # paper's block and the one vLLM and SGLang load (export_vllm)
+    block: str = "bottleneck"
     base_model_name: str = ""
     base_model_sha256: str = ""
     # accuracy[k][r]: share of held-out positions where head k+1's rank-r candidate was the right token.
@@ -71,6 +74,8 @@ class HeadsConfig:
                              f"hidden_dim={self.hidden_dim} mix_rank={self.mix_rank}")
         if self.head_type not in ("medusa", "dependent"):
             raise HeadsError(f"unknown head_type {self.head_type!r}; expected 'medusa' or 'dependent'")
+        if self.block not in BLOCKS:
+            raise HeadsError(f"unknown block {self.block!r}; expected one of {', '.join(BLOCKS)}")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "HeadsConfig":
@@ -92,6 +97,22 @@ class ResBlock(nn.Module):
         return x + self.up(nn.functional.silu(self.down(x)))
 
 
+class PaperBlock(nn.Module):
+    """x + SiLU(W x + b), W square and zero at the start (the identity): the Medusa paper's residual block."""
+
+    def __init__(self, n_embd: int, hidden_dim: int = 0) -> None:
+        super().__init__()
+        self.linear = nn.Linear(n_embd, n_embd)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + nn.functional.silu(self.linear(x))
+
+
+BLOCKS = {"bottleneck": ResBlock, "paper": PaperBlock}
+
+
 class MedusaHeads(nn.Module):
     """K heads over a frozen projection. forward(h) -> logits [..., K, V_draft]."""
 
@@ -104,7 +125,8 @@ class MedusaHeads(nn.Module):
         c = config
         # A fresh module per head and per layer: `[block] * k` would repeat one module and share its weights.
         self.blocks = nn.ModuleList(
-            nn.Sequential(*[ResBlock(c.n_embd, c.hidden_dim) for _ in range(c.num_layers)]) for _ in range(c.k_heads)
+            nn.Sequential(*[BLOCKS[c.block](c.n_embd, c.hidden_dim) for _ in range(c.num_layers)])
+            for _ in range(c.k_heads)
         )
         if draft_ids is None and c.draft_vocab_size:
             raise HeadsError("draft_vocab_size is set but no draft ids were given")
@@ -159,7 +181,8 @@ class MedusaHeads(nn.Module):
                         torch.__version__)
         linear = _Int8Linear if self.draft_int8 and _HAS_INT8_MM else _Linear
         with torch.no_grad():
-            blocks = tuple(tuple((linear(b.down.weight, b.down.bias), linear(b.up.weight, b.up.bias))
+            blocks = tuple(tuple((linear(b.linear.weight, b.linear.bias), None) if isinstance(b, PaperBlock)
+                                 else (linear(b.down.weight, b.down.bias), linear(b.up.weight, b.up.bias))
                                  for b in self.blocks[k]) for k in range(self.config.k_heads))
             projections = tuple(linear(w, None) for w in self.lm_heads) if self.config.own_lm_head \
                 else (linear(self.projection, None),)
@@ -287,13 +310,13 @@ class _InferenceWeights:
     int8: bool
     params: tuple[nn.Parameter, ...]  # the parameters these were built from (walking the module tree costs 65 us)
     versions: tuple[int, ...]  # and their versions then
-    blocks: tuple[tuple[tuple[_Linear, _Linear], ...], ...]  # [head][layer] = (down, up)
+    blocks: tuple[tuple[tuple[_Linear, _Linear | None], ...], ...]  # [head][layer] = (down, up), or (W, None)
     projections: tuple[_Linear, ...]  # the shared projection, or one per head with own_lm_head
     mix: tuple[tuple[_Linear, ...], ...]  # dependent heads, per head: (M_k,) or (A_k, B_k)
 
     def block(self, head: int, x: torch.Tensor) -> torch.Tensor:  # [n, n_embd] -> [n, n_embd]
         for down, up in self.blocks[head]:
-            x = x + up(nn.functional.silu(down(x)))
+            x = x + (nn.functional.silu(down(x)) if up is None else up(nn.functional.silu(down(x))))
         return x
 
     def logits(self, x: torch.Tensor, head: int | None = None) -> torch.Tensor:

@@ -41,6 +41,7 @@ class TrainArgs:
     mix_rank: int = 0  # dependent heads: rank of the path-mixing matrices (0: full)
     num_layers: int = 1
     hidden_dim: int = 0  # 0: half the base model's width
+    block: str = "bottleneck"  # or "paper" (x + SiLU(W x + b)): what vLLM and SGLang load
     own_lm_head: bool = False
     draft_vocab_size: int = 8192  # 0: full vocabulary
     batch_size: int = 8  # sequences per micro-batch
@@ -105,6 +106,10 @@ def build_parser(prog: str = "train_medusa.py") -> argparse.ArgumentParser:
                         "a small rank means fewer bytes per draft; default: %(default)s)")
     h.add_argument("--num_layers", type=int, default=d.num_layers, help="residual blocks per head (default: %(default)s)")
     h.add_argument("--hidden_dim", type=int, default=0, help="block width (default: half the base model's width)")
+    h.add_argument("--block", choices=("bottleneck", "paper"), default=d.block,
+                   help="residual block: bottleneck, x + W_up SiLU(W_down x); or paper, x + SiLU(W x + b) with W "
+                        "square, the Medusa paper's block and the only one `medusa-gguf export --format vllm` "
+                        "writes (vLLM and SGLang load it; default: %(default)s)")
     h.add_argument("--own_lm_head", action="store_true", help="train a projection per head instead of sharing the base one")
     h.add_argument("--draft_vocab_size", type=int, default=d.draft_vocab_size,
                    help="heads score only the most frequent target tokens (0: full vocabulary; default: %(default)s)")

@@ -306,6 +306,7 @@ def train(args: TrainArgs) -> Path:
     config = HeadsConfig(
         k_heads=args.k_heads, n_embd=n_embd, n_vocab=n_vocab, hidden_dim=args.hidden_dim or n_embd // 2,
         num_layers=args.num_layers, head_type=args.head_type, mix_rank=args.mix_rank, own_lm_head=args.own_lm_head,
+        block=args.block,
         draft_vocab_size=len(draft_ids) if draft_ids is not None else 0,
         base_model_name=model_path.name, base_model_sha256=model_sha, training_args=asdict(args),
     )
