@@ -110,3 +110,32 @@ def test_a_chat_is_refused_with_a_reason_and_training_reads_plain_text(gemma):
     assert gemma.render(messages, add_generation_prompt=False) == "The sea is wide."
     logits = gemma.prefill(gemma.tokenize("The sea is")).logits[-1]
     assert np.isfinite(logits).all() and logits.shape == (262144,)
+
+
+def test_the_server_serves_completions_and_refuses_chats_with_the_reason(gemma_path):
+    import asyncio
+
+    import httpx
+
+    from medusa_gguf.server import create_app
+
+    settings = Settings(base_model_path=gemma_path, n_ctx=N_CTX, n_threads=2, tree="plain")
+    engine = Engine(settings, slots=2)
+    app = create_app(settings, slots=engine.views())
+
+    async def main():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+            chat = await c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
+                                                              "max_tokens": 4})
+            assert chat.status_code == 400, chat.text
+            err = chat.json()["error"]
+            assert err["param"] == "messages" and "no chat template" in err["message"] and "/v1/completions" in err["message"]
+            done = await c.post("/v1/completions", json={"prompt": "The sea is", "max_tokens": 6, "temperature": 0})
+            assert done.status_code == 200, done.text
+            assert done.json()["usage"]["completion_tokens"] == 6
+
+    try:
+        asyncio.run(main())
+    finally:
+        engine.close()
