@@ -1031,7 +1031,9 @@ class PromptLookup:
     It runs on llama-cpp-python's high-level `Llama` with its own context; greedy only.
     """
 
-    def __init__(self, settings: Settings, *, num_pred_tokens: int = 10) -> None:
+    def __init__(self, settings: Settings, *, num_pred_tokens: int = 10, extra_bufts: bool | None = None) -> None:
+        """`extra_bufts`: what a Backend of this model decided (Backend.extra_bufts), so that the peer runs the
+        same kernels; None: the setting (auto counts as on)."""
         from llama_cpp import llama_cpp as low
         from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
 
@@ -1041,7 +1043,7 @@ class PromptLookup:
 
         def patched():  # the high-level class has no switch for the extra buffer types (AMX, see Settings)
             params = default_params()
-            params.use_extra_bufts = settings.use_extra_bufts is not False
+            params.use_extra_bufts = settings.use_extra_bufts is not False if extra_bufts is None else extra_bufts
             return params
 
         low.llama_model_default_params = patched

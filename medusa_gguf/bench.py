@@ -26,7 +26,8 @@ from .backend import PromptLookup
 from .decoding import GenerationResult, GenerationStats, SamplingParams
 from .eagle3_gguf import is_eagle3_gguf
 from .engine import (SHIPPED_DEPENDENT_HEADS, SHIPPED_EAGLE3, SHIPPED_MEDUSA_HEADS, DraftCosts, Engine, cost_curve,
-                     plan_decoding, step_costs)
+                     plan_decoding, step_costs, trained_for)
+from .models import file_sha256
 from .settings import Settings
 from .tree import Tree, TreeSchedule, expected_tokens_per_step, interpolate_cost
 
@@ -104,16 +105,30 @@ def run_bench(settings: Settings, prompts: list[dict], max_tokens: int, *, stati
     backend = engine.backend
     curve = cost_curve(backend, settings)
     costs = step_costs(backend, settings)
+    sha = file_sha256(backend.model_path)
+
+    def shipped(path: Path) -> Path | None:  # a shipped drafter is a default only for the model it was trained for
+        if not path.is_file():
+            return None
+        if not trained_for(path, sha):
+            log.info("%s was trained for another model file: its rows are left out", path.name)
+            return None
+        return path
+
     given = settings.medusa_weights_path if settings.medusa_weights_path.is_file() else None
     if given is not None and is_eagle3_gguf(given):  # MEDUSA_WEIGHTS_PATH names the eagle3 rows' drafter
         eagle3, given = eagle3 or given, None
-    elif eagle3 is None and SHIPPED_EAGLE3.is_file():
-        eagle3 = SHIPPED_EAGLE3
-    if weights is None and given is None and SHIPPED_MEDUSA_HEADS.is_file():
-        weights = SHIPPED_MEDUSA_HEADS  # the shipped default may be dependent heads; these rows are Medusa's
-    plans = {"medusa_static": plan_decoding(backend, settings, tree=static_tree, weights=weights),
-             "medusa_calibrated": plan_decoding(backend, settings, tree="auto", weights=weights)}
-    dependent = dependent_weights or (SHIPPED_DEPENDENT_HEADS if SHIPPED_DEPENDENT_HEADS.is_file() else None)
+    elif eagle3 is None:
+        eagle3 = shipped(SHIPPED_EAGLE3)
+    if weights is None and given is None:
+        weights = shipped(SHIPPED_MEDUSA_HEADS)  # the shipped default may be dependent heads; these rows are Medusa's
+    plans = {}
+    if weights is not None or given is not None:
+        plans["medusa_static"] = plan_decoding(backend, settings, tree=static_tree, weights=weights)
+        plans["medusa_calibrated"] = plan_decoding(backend, settings, tree="auto", weights=weights)
+    else:
+        log.info("no Medusa-type heads given or shipped for this model: the medusa methods are left out")
+    dependent = dependent_weights or shipped(SHIPPED_DEPENDENT_HEADS)
     if dependent is not None:
         plans["medusa_dependent"] = plan_decoding(backend, settings, tree=static_tree, weights=dependent)
         plans["medusa_dependent_calibrated"] = plan_decoding(backend, settings, tree="auto", weights=dependent)
@@ -125,7 +140,7 @@ def run_bench(settings: Settings, prompts: list[dict], max_tokens: int, *, stati
         plans["eagle3_calibrated"] = plan_decoding(backend, settings, tree="auto", weights=eagle3)
     else:
         log.info("no EAGLE-3 drafter given or shipped: the eagle3 methods are left out")
-    lookup = PromptLookup(settings)
+    lookup = PromptLookup(settings, extra_bufts=backend.extra_bufts)  # the kernels plain decoding runs
     params = SamplingParams(max_tokens=max_tokens)
     tokenized = [engine.prompt(p["prompt"]) for p in prompts]
 

@@ -23,7 +23,8 @@ log = logging.getLogger("medusa_gguf")
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model (flags override the environment variables in brackets)")
-    g.add_argument("--model", type=Path, help="GGUF file [BASE_MODEL_PATH]; default: the embedded SmolLM2-135M-Instruct")
+    g.add_argument("--model", type=Path, help="GGUF file, or an installed model's name (gemma3-270m) [BASE_MODEL_PATH]; default: the "
+                                             "embedded SmolLM2-135M-Instruct")
     g.add_argument("--n-ctx", type=int, help="context window in tokens [N_CTX, default 4096]")
     g.add_argument("--threads", type=int, help="CPU threads [N_THREADS, default: every CPU up to 4, half beyond]")
     g.add_argument("--gpu-layers", type=int, help="layers to offload to a GPU, -1 = all [N_GPU_LAYERS, default -1]")

@@ -201,6 +201,15 @@ class EngineSlot:
             yield from self.engine.generate(prompt_tokens, params, result, backend=self.slot, cancelled=cancelled)
 
 
+def trained_for(path: Path, sha: str) -> bool:
+    """Whether a heads file or an exported EAGLE-3 drafter was trained for the model file of this SHA-256."""
+    if is_eagle3_gguf(path):
+        return drafter_info(read_gguf_header(path).meta)[0] == sha
+    from .heads import read_heads_file
+
+    return read_heads_file(path)[0].base_model_sha256 == sha
+
+
 def plan_decoding(backend: Backend, settings: Settings, *, tree: str | None = None,
                   weights: Path | None = None, drafter: str | None = None) -> DecodingPlan:
     """Decide the drafter and tree for this backend (see the module docstring)."""
@@ -219,13 +228,13 @@ def plan_decoding(backend: Backend, settings: Settings, *, tree: str | None = No
     if kind in ("auto", "heads") and SHIPPED_HEADS.is_file():
         from .heads import read_heads_file
 
-        config = read_heads_file(SHIPPED_HEADS)[0]
-        if config.base_model_sha256 == sha:
+        if trained_for(SHIPPED_HEADS, sha):
             shipped["heads"] = SHIPPED_HEADS
         else:
-            why_not.append(f"the shipped heads were trained for {config.base_model_name}, not this model file")
+            why_not.append(f"the shipped heads were trained for {read_heads_file(SHIPPED_HEADS)[0].base_model_name}, "
+                           f"not this model file")
     if kind in ("auto", "eagle3") and SHIPPED_EAGLE3.is_file():
-        if drafter_info(read_gguf_header(SHIPPED_EAGLE3).meta)[0] == sha:
+        if trained_for(SHIPPED_EAGLE3, sha):
             shipped["eagle3"] = SHIPPED_EAGLE3
         else:
             why_not.append("the shipped EAGLE-3 drafter was trained for another model file")
