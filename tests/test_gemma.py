@@ -139,3 +139,12 @@ def test_the_server_serves_completions_and_refuses_chats_with_the_reason(gemma_p
         asyncio.run(main())
     finally:
         engine.close()
+
+
+def test_corpus_answers_in_independent_streams_are_plain_decoding(gemma_path, gemma, prompts, plain_outputs):
+    """The corpus and self-distillation answer many prompts per call (Backend.greedy_batch, a context of streams);
+    on a K-quant model too that must give plain decoding's answers, token for token."""
+    with Backend(Settings(base_model_path=gemma_path, n_ctx=4 * 1024, n_threads=2), streams=4) as streams:
+        assert not streams.extra_bufts  # the repack decision reached the streams context
+        answers = streams.greedy_batch(prompts[:4], N_TOKENS)
+    assert answers == plain_outputs[:4]
