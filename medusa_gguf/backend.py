@@ -410,12 +410,9 @@ class Backend:
         if _REPACK_INVARIANT[key]:
             return "repacked weights checked: a batched call equals single-token decoding"
         log.info("the repacked weights (CPU_REPACK %.1f MiB) make a batched call differ from single-token decoding; "
-                    "loading %s again without llama.cpp's extra buffer types (USE_EXTRA_BUFTS=true keeps them)",
-                    repacked, self.model_path.name)
-        lc.llama_batch_free(self._batch)
-        lc.llama_free(self._ctx)
-        lc.llama_model_free(self._model)
-        self._batch = self._ctx = self._model = None
+                 "loading %s again without llama.cpp's extra buffer types (USE_EXTRA_BUFTS=true keeps them)",
+                 repacked, self.model_path.name)
+        self.close()
         self._load_model(extra_bufts=False)
         self._new_context()
         return f"no repacking: with CPU_REPACK {repacked:.1f} MiB a batched call differed from single-token decoding"

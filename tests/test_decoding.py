@@ -83,17 +83,23 @@ TREES = {
 }
 
 
-@pytest.mark.parametrize("name", TREES)
-def test_greedy_medusa_equals_plain_with_oracle_heads(backend, prompts, plain_outputs, name):
-    """30 prompts x 128 tokens per tree; the prompts alternate between Medusa-style and path-dependent drafts."""
+def assert_oracle_drafts_give_plain_output(backend, prompts, plain_outputs, name: str, max_tokens: int) -> None:
+    """Each prompt decoded with oracle drafts on tree TREES[name], alternating Medusa-style and path-dependent
+    drafts, gives its plain greedy output."""
     tree = TREES[name]
     for i, (prompt, truth) in enumerate(zip(prompts, plain_outputs)):
         r = GenerationResult()
         heads = (OracleHeads if i % 2 == 0 else OracleDependentHeads)(backend, len(prompt), truth, seed=i)
-        list(generate(backend, prompt, SamplingParams(max_tokens=N_TOKENS), r, heads=heads, tree=tree))
+        list(generate(backend, prompt, SamplingParams(max_tokens=max_tokens), r, heads=heads, tree=tree))
         assert r.tokens == truth, f"prompt {i}, tree {name}: first difference at {_first_diff(r.tokens, truth)}"
         assert r.stats.mode == "medusa"
         assert r.stats.tau > 1.5  # the oracle really drafted: deep paths were accepted and committed
+
+
+@pytest.mark.parametrize("name", TREES)
+def test_greedy_medusa_equals_plain_with_oracle_heads(backend, prompts, plain_outputs, name):
+    """30 prompts x 128 tokens per tree."""
+    assert_oracle_drafts_give_plain_output(backend, prompts, plain_outputs, name, N_TOKENS)
 
 
 def test_greedy_medusa_equals_plain_with_trained_heads(backend, prompts, plain_outputs, trained_heads):

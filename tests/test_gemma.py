@@ -13,15 +13,15 @@ import numpy as np
 import pytest
 
 from medusa_gguf.backend import Backend, NoChatTemplate
-from medusa_gguf.decoding import GenerationResult, SamplingParams, generate
+from medusa_gguf.decoding import SamplingParams
 from medusa_gguf.engine import Engine
 from medusa_gguf.exactness import check_exactness
 from medusa_gguf.models import KNOWN_MODELS, ModelFileError, known_model_path
 from medusa_gguf.settings import Settings
 
-from .conftest import HELDOUT
+from .conftest import HELDOUT, plain_greedy
 from .test_batching import run_together
-from .test_decoding import TREES, OracleDependentHeads, OracleHeads, _first_diff
+from .test_decoding import assert_oracle_drafts_give_plain_output
 
 N_CTX = 1536
 N_TOKENS = 48
@@ -55,12 +55,7 @@ def prompts(gemma):
 
 @pytest.fixture(scope="module")
 def plain_outputs(gemma, prompts):
-    outs = []
-    for p in prompts:
-        r = GenerationResult()
-        list(generate(gemma, p, SamplingParams(max_tokens=N_TOKENS), r))
-        outs.append(r.tokens)
-    return outs
+    return plain_greedy(gemma, prompts, N_TOKENS)
 
 
 def test_the_file_is_what_this_suite_means_to_test(gemma):
@@ -83,13 +78,7 @@ def test_tree_decoding_and_commits_are_bit_identical_inside_and_past_the_window(
 
 @pytest.mark.parametrize("name", ["default", "deep_chain"])
 def test_greedy_medusa_equals_plain_with_oracle_heads(gemma, prompts, plain_outputs, name):
-    tree = TREES[name]
-    for i, (prompt, truth) in enumerate(zip(prompts, plain_outputs)):
-        r = GenerationResult()
-        heads = (OracleHeads if i % 2 == 0 else OracleDependentHeads)(gemma, len(prompt), truth, seed=i)
-        list(generate(gemma, prompt, SamplingParams(max_tokens=N_TOKENS), r, heads=heads, tree=tree))
-        assert r.tokens == truth, f"prompt {i}, tree {name}: first difference at {_first_diff(r.tokens, truth)}"
-        assert r.stats.tau > 1.5
+    assert_oracle_drafts_give_plain_output(gemma, prompts, plain_outputs, name, N_TOKENS)
 
 
 def test_concurrent_requests_give_what_they_give_alone(gemma_path, prompts, plain_outputs):
