@@ -160,8 +160,16 @@ def _cmd_export_eagle3(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from .export import export_vllm
+    from .export import export_eagle3_hf, export_vllm
 
+    if args.format == "eagle3-hf":
+        out = export_eagle3_hf(args.weights, args.output, dtype=args.dtype)
+        cfg = json.loads((out / "config.json").read_text())
+        print(f"wrote {out}/config.json and model.safetensors (EAGLE-3 drafter, target layers "
+              f"{cfg['eagle_aux_hidden_state_layer_ids']}, draft vocabulary {cfg['draft_vocab_size']} of "
+              f"{cfg['vocab_size']}, {args.dtype}); serve with vLLM: --speculative-config "
+              f"'{{\"method\": \"eagle3\", \"model\": \"{out}\", \"num_speculative_tokens\": 3}}'")
+        return 0
     out = export_vllm(args.weights, args.output, model=args.model, dtype=args.dtype)
     cfg = json.loads((out / "config.json").read_text())
     print(f"wrote {out}/config.json and model.safetensors ({cfg['num_heads']} Medusa heads, draft vocabulary "
@@ -277,18 +285,22 @@ def build_parser() -> argparse.ArgumentParser:
     exp.set_defaults(func=_cmd_export_eagle3)
 
     vx = sub.add_parser(
-        "export", help="write trained Medusa heads for another engine (--format vllm: vLLM's and SGLang's medusa "
-                       "draft model)",
+        "export", help="write a trained drafter for another engine (--format vllm: Medusa heads as vLLM's and "
+                       "SGLang's medusa draft model; --format eagle3-hf: an EAGLE-3 drafter in the Hugging Face layout)",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        description="Writes OUTPUT/config.json (model_type medusa) and OUTPUT/model.safetensors (blocks.{h}.layers.{l}, "
-                    "lm_heads.{h}, token_map). Only Medusa-type heads with the paper's block export (train with "
-                    "--head_type medusa --block paper); heads sharing the model's output matrix read it from the GGUF "
-                    "(--model). The heads learned the quantized GGUF's hidden states: on an fp16 checkpoint of the "
-                    "same model expect somewhat lower acceptance (README).",
+        description="--format vllm writes OUTPUT/config.json (model_type medusa) and OUTPUT/model.safetensors "
+                    "(blocks.{h}.layers.{l}, lm_heads.{h}, token_map). Only Medusa-type heads with the paper's block "
+                    "export (train with --head_type medusa --block paper); heads sharing the model's output matrix read "
+                    "it from the GGUF (--model). --format eagle3-hf writes an EAGLE-3 drafter (train_medusa.py "
+                    "--head_type eagle3) as LlamaForCausalLMEagle3: fc, midlayer.*, norm, lm_head, d2t offsets, t2d, "
+                    "with q/k in Hugging Face's rotate-half order; vLLM's and SGLang's eagle3 method and llama.cpp's "
+                    "converter read it. Either drafter learned the quantized GGUF's hidden states: on an fp16 "
+                    "checkpoint of the same model expect somewhat lower acceptance (README).",
     )
-    vx.add_argument("weights", type=Path, help="heads file (.pth / .safetensors) written by train_medusa.py")
+    vx.add_argument("weights", type=Path, help="heads or EAGLE-3 drafter file (.pth / .safetensors) written by "
+                                               "train_medusa.py")
     vx.add_argument("output", type=Path, help="folder to write (replaced if it exists)")
-    vx.add_argument("--format", default="vllm", choices=["vllm"], help="the engine's layout")
+    vx.add_argument("--format", default="vllm", choices=["vllm", "eagle3-hf"], help="the engine's layout")
     vx.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"], help="tensor type")
     _add_model_args(vx)
     vx.set_defaults(func=_cmd_export)

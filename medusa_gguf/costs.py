@@ -308,13 +308,43 @@ class _FreeDrafter:
         return [root] + [self.rng.randrange(self.n_vocab) for _ in range(tree.n_nodes - 1)]
 
 
-def format_step_costs(costs: StepCosts) -> str:
-    lines = ["| tree nodes | " + " | ".join(f"ms at {c} tokens of context" for c in costs.contexts) + " |",
-             "|---:|" + "---:|" * len(costs.contexts)]
-    for n in sorted(costs.chain_ms[costs.contexts[0]]):
+def chain_tokens(p: float, nodes: int) -> float:
+    """Tokens a chain of `nodes` (the root and nodes - 1 drafts) gains per step when each draft is right with
+    probability p, given the ones before it: 1 + p + ... + p^(nodes-1)."""
+    return sum(p**k for k in range(nodes))
+
+
+def break_even_acceptance(cost_ratio: float, nodes: int, gain: float = 1.0) -> float | None:
+    """The per-draft acceptance at which a chain of `nodes` costing `cost_ratio` plain steps reaches `gain` times
+    plain decoding's tokens/s; None when even a chain that is always right falls short (nodes < gain * ratio)."""
+    need = gain * cost_ratio
+    if need > nodes:
+        return None
+    lo, hi = 0.0, 1.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if chain_tokens(mid, nodes) < need else (lo, mid)
+    return hi
+
+
+def format_step_costs(costs: StepCosts, gains: Sequence[float] = (1.0, 1.25)) -> str:
+    """The step costs by chain length and context, and, at the shortest context, the acceptance per draft that a
+    chain needs to break even and to reach each of `gains` (drafting itself counted as free)."""
+    c0 = costs.contexts[0]
+
+    def need(n: int, gain: float) -> str:
+        p = break_even_acceptance(costs.tree(n, 1, c0) / costs.plain(c0), n, gain)
+        return "never" if p is None else f"{p:.2f}"
+
+    lines = ["| tree nodes | " + " | ".join(f"ms at {c} tokens of context" for c in costs.contexts) + " | "
+             + " | ".join(f"acceptance for {g:.2f}x" for g in gains) + " |",
+             "|---:|" + "---:|" * (len(costs.contexts) + len(gains))]
+    for n in sorted(costs.chain_ms[c0]):
         cells = [f"{costs.tree(n, 1, c):.2f} ({costs.tree(n, 1, c) / costs.plain(c):.2f}x)" for c in costs.contexts]
-        lines.append(f"| {n} | " + " | ".join(cells) + " |")
-    lines.append("| per extra leaf | " + " | ".join(f"{costs.leaf_ms[c]:.3f}" for c in costs.contexts) + " |")
+        lines.append(f"| {n} | " + " | ".join(cells) + " | " + " | ".join(
+            "" if n == 1 else need(n, g) for g in gains) + " |")
+    lines.append("| per extra leaf | " + " | ".join([f"{costs.leaf_ms[c]:.3f}" for c in costs.contexts]
+                                                  + [""] * len(gains)) + " |")
     return "\n".join(lines)
 
 

@@ -260,6 +260,12 @@ class Eagle3Drafter(nn.Module):
         """Draft logits of each of `steps` unrolled steps, [B, T, draft_vocab_size] each (module docstring).
 
         features: [B, T, 3 * target_width] at positions 0..T-1 (or `positions`, [T] / [B, T]); tokens: [B, T]."""
+        return [self.logits(h) for h in self.ttt_states(features, tokens, steps, positions)]
+
+    def ttt_states(self, features: torch.Tensor, tokens: torch.Tensor, steps: int,
+                   positions: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """The prenorm states [B, T, width] of each unrolled step, as `ttt_forward` but before the head: training
+        applies the head only to the rows a loss counts (the head is about half a step's work)."""
         B, T = tokens.shape
         if features.shape[:2] != (B, T):
             raise Eagle3Error(f"features are {tuple(features.shape)} but tokens are {tuple(tokens.shape)}")
@@ -280,7 +286,7 @@ class Eagle3Drafter(nn.Module):
             else:
                 h, kv = self.layer(x, g, pos + k, mask="diagonal", context=context, context_mask=causal, path=path)
                 path.append(kv)
-            out.append(self.logits(h))
+            out.append(h)
             g = h
         return out
 

@@ -6,7 +6,8 @@ from dataclasses import replace
 import pytest
 
 from medusa_gguf import engine as E
-from medusa_gguf.costs import StepCosts, cost_key, fan, measure_step_costs
+from medusa_gguf.costs import (StepCosts, break_even_acceptance, chain_tokens, cost_key, fan, format_step_costs,
+                               measure_step_costs)
 from medusa_gguf.tree import build_tree, chain, n_leaves
 
 MADE_UP = StepCosts(
@@ -29,6 +30,20 @@ def test_costs_interpolate_in_size_and_context_and_add_the_leaves():
 
 def test_costs_survive_json():
     assert StepCosts.from_json(MADE_UP.to_json()) == MADE_UP
+
+
+def test_break_even_acceptance_solves_the_chain_equation():
+    # A 2-node chain costing 1.6 plain steps pays from p = 0.6 on (1 + p = 1.6); 1.25x needs 1 + p = 2.0.
+    assert break_even_acceptance(1.6, 2) == pytest.approx(0.6)
+    assert break_even_acceptance(1.6, 2, gain=1.25) == pytest.approx(1.0)
+    assert break_even_acceptance(1.9, 2, gain=1.25) is None  # 2.375 tokens from a 2-token chain: never
+    p = break_even_acceptance(2.5, 4)
+    assert chain_tokens(p, 4) == pytest.approx(2.5) and 0 < p < 1
+    assert break_even_acceptance(1.0, 3) == pytest.approx(0.0, abs=1e-9)  # a free tree pays at any acceptance
+    table = format_step_costs(MADE_UP)
+    row4 = next(line for line in table.splitlines() if line.startswith("| 4 |"))
+    assert row4.endswith(f"| {break_even_acceptance(2.4, 4):.2f} | {break_even_acceptance(2.4, 4, 1.25):.2f} |")
+    assert all(line.count("|") == table.splitlines()[0].count("|") for line in table.splitlines())
 
 
 def test_leaves_of_trees():

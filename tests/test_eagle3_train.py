@@ -7,11 +7,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
-from medusa_gguf.eagle3 import load_drafter, read_drafter_file
-from medusa_gguf.eagle3_train import OOV, step_targets, train_eagle3
+from medusa_gguf.eagle3 import Eagle3Config, Eagle3Drafter, load_drafter, read_drafter_file
+from medusa_gguf.eagle3_train import (OOV, BUCKET, pick_precision, sequence_batches, step_targets, train_eagle3,
+                                      ttt_loss)
 from medusa_gguf.models import embedding_matrix, output_matrix
 from medusa_gguf.train_args import TrainArgs
 
@@ -51,6 +54,68 @@ def test_step_targets_follow_the_ttt_convention():
     draft = torch.full((100,), -1)
     draft[13] = 0  # a draft vocabulary of one token: the others still count, as OOV (a miss, no loss)
     assert step_targets(batch, draft, 1)[0, 0].tolist() == [-1, 0, OOV, OOV, -1, -1]
+
+
+def _shard(path: Path, lengths: list[int], width: int = 6, seed: int = 0) -> None:
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(seed)
+    n = sum(lengths)
+    save_file({"features": rng.standard_normal((n, width)).astype(np.float16),
+               "tokens": rng.integers(0, 40, n).astype(np.int32),
+               "future": rng.integers(0, 40, (n, 4)).astype(np.int32),
+               "offsets": np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)}, str(path))
+
+
+def test_the_loss_on_the_counted_rows_equals_the_cross_entropy_over_all_logits(tmp_path):
+    """ttt_loss runs the head on the rows a loss counts only; the result is the masked CE over every row's logits."""
+    torch.manual_seed(0)
+    c = Eagle3Config(target_width=16, n_head=2, n_head_kv=1, n_ff=32, n_vocab=40, target_layers=(0, 1, 2),
+                     draft_vocab_size=24)
+    drafter = Eagle3Drafter(c, torch.randn(40, 16), torch.randperm(40)[:24].sort().values)
+    _shard(tmp_path / "s.safetensors", [9, 5, 12], width=48)
+    (batch,) = sequence_batches([tmp_path / "s.safetensors"], [2, 0, 4], 3, 0, 0, shuffle=False)
+    f2d = torch.full((40,), -1)
+    f2d[drafter.d2t] = torch.arange(24)
+    targets = step_targets(batch, f2d, 3)
+    assert (targets == OOV).any() and (targets >= 0).any()
+    states = drafter.ttt_states(batch["features"], batch["tokens"], 3)
+    loss, per_step = ttt_loss(drafter, states, targets, 0.8)
+    logits = drafter.ttt_forward(batch["features"], batch["tokens"], 3)
+    want = [F.cross_entropy(lg.reshape(-1, 24), targets[k].clamp(min=-1).reshape(-1), ignore_index=-1)
+            for k, lg in enumerate(logits)]
+    assert per_step == pytest.approx([float(w.detach()) for w in want], rel=1e-5)
+    assert float(loss) == pytest.approx(sum(0.8**k * float(w.detach()) for k, w in enumerate(want)), rel=1e-5)
+
+
+def test_shuffled_batches_hold_every_sequence_once_sorted_by_length_within_windows(tmp_path):
+    rng = np.random.default_rng(1)
+    lengths = [int(x) for x in rng.integers(3, 60, 4 * BUCKET * 2 + 5)]
+    path = tmp_path / "s.safetensors"
+    _shard(path, lengths)
+    firsts = [0] * len(lengths)
+    seen, padded, plain_padded = [], 0, 0
+    for epoch in (0, 1):
+        batches = list(sequence_batches([path], firsts, 4, epoch, 0))
+        order = [tuple(sorted(int(v) for v in b["valid"].sum(1))) for b in batches]
+        seen.append(sorted(n for lens in order for n in lens))
+        padded += sum(int((~b["valid"]).sum()) for b in batches)
+        # the same sequences in the unsorted order the windows were drawn from pad far more
+        gen = torch.Generator().manual_seed(epoch)
+        perm = torch.randperm(len(lengths), generator=gen).tolist()
+        plain_padded += sum(4 * max(lengths[i] for i in perm[b:b + 4]) - sum(lengths[i] for i in perm[b:b + 4])
+                            for b in range(0, len(perm), 4))
+    assert seen[0] == seen[1] == sorted(lengths)
+    assert padded < plain_padded / 3, (padded, plain_padded)
+    again = [b["tokens"] for b in sequence_batches([path], firsts, 4, 1, 0)]
+    assert all(torch.equal(a, b["tokens"]) for a, b in zip(again, sequence_batches([path], firsts, 4, 1, 0)))
+
+
+def test_precision_choice():
+    assert pick_precision("fp32") == "fp32" and pick_precision("bf16") == "bf16"
+    assert pick_precision("auto") in ("fp32", "bf16")
+    with pytest.raises(ValueError, match="--precision"):
+        pick_precision("fp8")
 
 
 def test_training_writes_loadable_drafters_and_learns(eagle3_run, model_path):

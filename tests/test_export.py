@@ -163,3 +163,125 @@ def test_the_command_line_export(tmp_path, projection, model_path):
     assert ran.returncode == 0, ran.stderr[-2000:]
     assert "--speculative-config" in ran.stdout and (tmp_path / "cli" / "model.safetensors").is_file()
     vllm_read(tmp_path / "cli")
+
+
+# -- EAGLE-3 in the Hugging Face layout -------------------------------------------------------------------------
+# The reading rules are llama.cpp's converter's (vendor/llama.cpp conversion/llama.py, LlamaModel): midlayer.* is
+# model.layers.0.*, q_proj / k_proj rows go through LlamaModel.permute (HF rotate-half -> GGML adjacent pairs),
+# hidden_norm is attn_norm_2, input_norm is enc.output_norm, and d2t holds offsets, made absolute by adding
+# arange. The forward below is Hugging Face's llama attention (rotate-half RoPE over cat(freqs, freqs)).
+
+
+def _hf_permute(w, n_head, n_head_kv=None):  # LlamaModel.permute, as the converter has it
+    if n_head_kv is not None and n_head != n_head_kv:
+        n_head = n_head_kv
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+@pytest.fixture
+def eagle3_file(tmp_path):
+    from medusa_gguf.eagle3 import Eagle3Config, Eagle3Drafter, save_drafter
+
+    torch.manual_seed(3)
+    c = Eagle3Config(target_width=32, n_head=4, n_head_kv=2, n_ff=48, n_vocab=60, target_layers=(2, 5, 8),
+                     draft_vocab_size=20, norm_before_fc=True, rope_theta=10000.0, base_model_sha256="ab" * 32)
+    emb = torch.randn(60, 32)
+    drafter = Eagle3Drafter(c, emb, torch.randperm(60)[:20].sort().values)
+    with torch.no_grad():
+        for name in ("input_norm", "attn_norm", "hidden_norm", "ffn_norm", "output_norm"):
+            getattr(drafter, name).mul_(1 + 0.3 * torch.randn_like(getattr(drafter, name)))
+    save_drafter(drafter, tmp_path / "d.pth")
+    return tmp_path / "d.pth", drafter.eval(), emb
+
+
+def _read(folder):
+    with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
+        return json.loads((folder / "config.json").read_text()), {k: f.get_tensor(k) for k in f.keys()}
+
+
+def test_eagle3_hf_export_gives_back_the_drafter_under_llama_cpps_converter_rules(tmp_path, eagle3_file):
+    from medusa_gguf.export import export_eagle3_hf
+
+    path, drafter, _ = eagle3_file
+    cfg, t = _read(export_eagle3_hf(path, tmp_path / "hf", dtype="float32"))
+    assert cfg["architectures"] == ["LlamaForCausalLMEagle3"] and cfg["num_hidden_layers"] == 1
+    assert "draft_vocab_size" in cfg  # what the converter detects an EAGLE-3 checkpoint by
+    assert cfg["eagle_aux_hidden_state_layer_ids"] == [2, 5, 8] and cfg["norm_before_fc"] is True
+    assert cfg["vocab_size"] == 60 and cfg["draft_vocab_size"] == 20 and cfg["target_hidden_size"] == 32
+    s = drafter.state_dict()
+    n_head, n_kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    assert torch.equal(_hf_permute(t["midlayer.self_attn.q_proj.weight"], n_head, n_head), s["wq.weight"])
+    assert torch.equal(_hf_permute(t["midlayer.self_attn.k_proj.weight"], n_head, n_kv), s["wk.weight"])
+    assert not torch.equal(t["midlayer.self_attn.q_proj.weight"], s["wq.weight"])  # the order did change
+    same = {"fc.weight": "fc.weight", "input_norm.weight": "input_norm", "midlayer.hidden_norm.weight": "hidden_norm",
+            "midlayer.input_layernorm.weight": "attn_norm", "midlayer.self_attn.v_proj.weight": "wv.weight",
+            "midlayer.self_attn.o_proj.weight": "wo.weight", "midlayer.post_attention_layernorm.weight": "ffn_norm",
+            "midlayer.mlp.gate_proj.weight": "ffn_gate.weight", "midlayer.mlp.up_proj.weight": "ffn_up.weight",
+            "midlayer.mlp.down_proj.weight": "ffn_down.weight", "norm.weight": "output_norm",
+            "lm_head.weight": "output.weight"}
+    for hf, ours in same.items():
+        assert torch.equal(t[hf], s[ours]), hf
+    absolute = t["d2t"] + torch.arange(t["d2t"].numel())
+    assert torch.equal(absolute, s["d2t"])
+    assert t["t2d"].dtype == torch.bool and t["t2d"].sum() == 20 and bool(t["t2d"][s["d2t"]].all())
+    assert set(t) == set(same) | {"midlayer.self_attn.q_proj.weight", "midlayer.self_attn.k_proj.weight", "d2t", "t2d"}
+
+
+def _hf_eagle3_logits(cfg, t, emb, features, tokens):
+    """One EAGLE-3 pass the Hugging Face way: rotate-half RoPE, repeat_kv, causal attention."""
+    eps, H, Hkv, d = cfg["rms_norm_eps"], cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]
+
+    def rms(x, w):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
+
+    def rotate_half(x):
+        return torch.cat((-x[..., d // 2:], x[..., : d // 2]), dim=-1)
+
+    T = tokens.shape[1]
+    g = rms(features, t["input_norm.weight"]) @ t["fc.weight"].T if cfg["norm_before_fc"] else features @ t["fc.weight"].T
+    a = torch.cat((rms(emb[tokens], t["midlayer.input_layernorm.weight"]), rms(g, t["midlayer.hidden_norm.weight"])), -1)
+    q = (a @ t["midlayer.self_attn.q_proj.weight"].T).view(1, T, H, d).transpose(1, 2)
+    k = (a @ t["midlayer.self_attn.k_proj.weight"].T).view(1, T, Hkv, d).transpose(1, 2)
+    v = (a @ t["midlayer.self_attn.v_proj.weight"].T).view(1, T, Hkv, d).transpose(1, 2)
+    inv = 1.0 / (cfg["rope_theta"] ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    freqs = torch.arange(T, dtype=torch.float64)[:, None] * inv
+    cos, sin = torch.cat((freqs, freqs), -1).cos().float(), torch.cat((freqs, freqs), -1).sin().float()
+    q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+    k, v = k.repeat_interleave(H // Hkv, dim=1), v.repeat_interleave(H // Hkv, dim=1)
+    att = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    h = g + att.transpose(1, 2).reshape(1, T, H * d) @ t["midlayer.self_attn.o_proj.weight"].T
+    n = rms(h, t["midlayer.post_attention_layernorm.weight"])
+    mlp = (torch.nn.functional.silu(n @ t["midlayer.mlp.gate_proj.weight"].T) * (n @ t["midlayer.mlp.up_proj.weight"].T))
+    h = h + mlp @ t["midlayer.mlp.down_proj.weight"].T
+    return rms(h, t["norm.weight"]) @ t["lm_head.weight"].T
+
+
+def test_eagle3_hf_export_computes_the_drafters_logits_the_hugging_face_way(tmp_path, eagle3_file):
+    from medusa_gguf.export import export_eagle3_hf
+
+    path, drafter, emb = eagle3_file
+    cfg, t = _read(export_eagle3_hf(path, tmp_path / "hf", dtype="float32"))
+    torch.manual_seed(0)
+    features, tokens = torch.randn(1, 11, 96) * 5, torch.randint(0, 60, (1, 11))
+    with torch.no_grad():
+        _, ours = drafter(tokens, drafter.fuse(features), torch.arange(11))
+        theirs = _hf_eagle3_logits(cfg, t, emb, features, tokens)
+    assert torch.allclose(ours, theirs, atol=1e-4), float((ours - theirs).abs().max())
+    # without the row reordering, Hugging Face's RoPE would compute something else
+    wrong = dict(t, **{"midlayer.self_attn.q_proj.weight": drafter.wq.weight.detach(),
+                       "midlayer.self_attn.k_proj.weight": drafter.wk.weight.detach()})
+    assert not torch.allclose(ours, _hf_eagle3_logits(cfg, wrong, emb, features, tokens), atol=1e-2)
+
+
+def test_the_command_line_eagle3_hf_export(tmp_path, eagle3_file):
+    path, _, _ = eagle3_file
+    proc = subprocess.run([sys.executable, "-m", "medusa_gguf", "export", "--format", "eagle3-hf", str(path),
+                           str(tmp_path / "out"), "--dtype", "bfloat16"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert '"method": "eagle3"' in proc.stdout
+    cfg, t = _read(tmp_path / "out")
+    assert cfg["torch_dtype"] == "bfloat16" and t["fc.weight"].dtype == torch.bfloat16 and t["d2t"].dtype == torch.int64
+    bad = subprocess.run([sys.executable, "-m", "medusa_gguf", "export", "--format", "eagle3-hf",
+                          str(tmp_path / "missing.pth"), str(tmp_path / "o2")], capture_output=True, text=True,
+                         timeout=120)
+    assert bad.returncode != 0 and "missing.pth" in bad.stderr and "Traceback" not in bad.stderr
