@@ -85,7 +85,7 @@ def test_the_loss_on_the_counted_rows_equals_the_cross_entropy_over_all_logits(t
     want = [F.cross_entropy(lg.reshape(-1, 24), targets[k].clamp(min=-1).reshape(-1), ignore_index=-1)
             for k, lg in enumerate(logits)]
     assert per_step == pytest.approx([float(w.detach()) for w in want], rel=1e-5)
-    assert float(loss) == pytest.approx(sum(0.8**k * float(w.detach()) for k, w in enumerate(want)), rel=1e-5)
+    assert float(loss.detach()) == pytest.approx(sum(0.8**k * float(w.detach()) for k, w in enumerate(want)), rel=1e-5)
 
 
 def test_shuffled_batches_hold_every_sequence_once_sorted_by_length_within_windows(tmp_path):
