@@ -165,17 +165,17 @@ def _cmd_export(args: argparse.Namespace) -> int:
     if args.format == "eagle3-hf":
         out = export_eagle3_hf(args.weights, args.output, dtype=args.dtype)
         cfg = json.loads((out / "config.json").read_text())
-        print(f"wrote {out}/config.json and model.safetensors (EAGLE-3 drafter, target layers "
-              f"{cfg['eagle_aux_hidden_state_layer_ids']}, draft vocabulary {cfg['draft_vocab_size']} of "
-              f"{cfg['vocab_size']}, {args.dtype}); serve with vLLM: --speculative-config "
-              f"'{{\"method\": \"eagle3\", \"model\": \"{out}\", \"num_speculative_tokens\": 3}}'")
-        return 0
-    out = export_vllm(args.weights, args.output, model=args.model, dtype=args.dtype)
-    cfg = json.loads((out / "config.json").read_text())
-    print(f"wrote {out}/config.json and model.safetensors ({cfg['num_heads']} Medusa heads, draft vocabulary "
-          f"{cfg['truncated_vocab_size']} of {cfg['vocab_size']}, {args.dtype}); serve with vLLM: "
-          f"--speculative-config '{{\"method\": \"medusa\", \"model\": \"{out}\", "
-          f"\"num_speculative_tokens\": {cfg['num_heads']}}}'")
+        what = (f"EAGLE-3 drafter, target layers {cfg['eagle_aux_hidden_state_layer_ids']}, draft vocabulary "
+                f"{cfg['draft_vocab_size']} of {cfg['vocab_size']}")
+        method, n_spec = "eagle3", 3
+    else:
+        out = export_vllm(args.weights, args.output, model=args.model, dtype=args.dtype)
+        cfg = json.loads((out / "config.json").read_text())
+        what = f"{cfg['num_heads']} Medusa heads, draft vocabulary {cfg['truncated_vocab_size']} of {cfg['vocab_size']}"
+        method, n_spec = "medusa", cfg["num_heads"]
+    print(f"wrote {out}/config.json and model.safetensors ({what}, {args.dtype}); serve with vLLM: "
+          f"--speculative-config '{{\"method\": \"{method}\", \"model\": \"{out}\", "
+          f"\"num_speculative_tokens\": {n_spec}}}'")
     return 0
 
 

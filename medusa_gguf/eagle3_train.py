@@ -62,9 +62,9 @@ def sequence_batches(paths: list[Path], first_rows: list[int], batch_size: int, 
         offsets = shard["offsets"]
         n = len(offsets) - 1
         order = torch.randperm(n, generator=gen).tolist() if shuffle else list(range(n))
-        groups = []
-        for w in range(0, n, batch_size * (BUCKET if shuffle else 1)):
-            window = order[w : w + batch_size * (BUCKET if shuffle else 1)]
+        groups, span = [], batch_size * (BUCKET if shuffle else 1)
+        for w in range(0, n, span):
+            window = order[w : w + span]
             if shuffle:
                 window.sort(key=lambda i: int(offsets[i + 1] - offsets[i]))
             groups += [window[b : b + batch_size] for b in range(0, len(window), batch_size)]
@@ -192,7 +192,7 @@ def evaluate(drafter, paths: list[Path], first_rows: list[int], steps: int, deca
 
 
 @torch.no_grad()
-def init_fuse(drafter, paths: list[Path]) -> None:
+def init_fuse(drafter) -> None:
     """Start g near the target's own late state: fc passes the highest layer's features through.
 
     With norm_before_fc the features are RMS-normed (input_norm starts at 1), so g starts at unit scale, like the
@@ -272,7 +272,7 @@ def train_eagle3(args: TrainArgs) -> Path:
         log.info("draft vocabulary: %d tokens cover %.1f%% of training targets", len(d2t),
                  100 * counts[d2t.numpy()].sum() / max(1, counts.sum()))
     drafter = drafter_for_target(model_path, d2t, target_layers=layers, norm_before_fc=args.norm_before_fc)
-    init_fuse(drafter, train_paths)
+    init_fuse(drafter)
     drafter.config = replace(drafter.config, base_model_sha256=model_sha, training_args=asdict(args))
     full_to_draft = torch.full((n_vocab,), -1, dtype=torch.long)
     ids = d2t if d2t is not None else torch.arange(n_vocab)
