@@ -1,6 +1,7 @@
 """The peer: llama-server built from the llama.cpp that llama-cpp-python 0.3.36 vendors, on the same model and
 prompts, in four modes: plain, EAGLE-3 with this project's exported drafter (`--spec-type draft-eagle3`),
-n-gram (`ngram-mod`), and this project's server (`python main.py`) with its calibrated drafter. Not part of CI:
+n-gram (`ngram-mod`), and this project's server (`python main.py`) with the same drafter: calibrated (`TREE=auto`),
+a top-1 chain (`TREE=chain`) and the default dynamic tree (`TREE=default`). Not part of CI:
 building llama-server takes ~10 minutes on 2 cores (cached under ~/.cache/medusa-gguf/llama-server).
 
     .venv/bin/python scripts/llama_server_peer.py --drafter medusa_gguf/assets/smollm2-135m-instruct-q4_1.eagle3.gguf \\
@@ -101,10 +102,14 @@ def run_mode(name: str, cmd: list[str], url: str, prompts: list[str], max_tokens
         row = {"mode": name, "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds, "texts": texts}
         drafted = [e.get("draft_n", 0) for e in extra]
         accepted = [e.get("draft_n_accepted", 0) for e in extra]
-        if any(drafted):
+        if any(drafted):  # llama-server: every step drafts (n-min 0), so steps = tokens - accepted drafts
             row["draft_acceptance"] = sum(accepted) / max(1, sum(drafted))
-        if extra and "tau" in extra[0]:
-            row["tau"] = sum(e["tau"] for e in extra) / len(extra)
+            row["tau"] = tokens / max(1, tokens - sum(accepted))
+        steps = sum(e.get("steps", 0) for e in extra)
+        if steps:  # this server: tokens per step, and the share of steps whose first draft was accepted
+            row["tau"] = sum(e.get("tokens", 0) for e in extra) / steps
+            first = [e["steps"] * (e.get("acceptance_rate_per_depth") or [0.0])[0] for e in extra if e.get("steps")]
+            row["first_draft_accepted"] = sum(first) / steps
         print(f"   {row['tokens_per_s']:.1f} tokens/s over {tokens} tokens", flush=True)
         return row
     finally:
@@ -150,18 +155,24 @@ def main() -> int:
         except Exception as exc:  # a mode that fails is reported, the others still run
             print(f"   {name} failed: {exc} (log: {CACHE / (name.replace(' ', '_') + '.log')})", flush=True)
             results.append({"mode": name.replace(" ", "_"), "error": str(exc)})
-    env = {**os.environ, "PORT": str(port), "MEDUSA_WEIGHTS_PATH": str(args.drafter), "N_THREADS": str(args.threads)}
-    results.append(run_mode("medusa-gguf_eagle3_auto", [sys.executable, "main.py"], url, prompts, args.max_tokens,
-                            env=env))
+    # This server with the same drafter and one slot (the drafter serves one request at a time; with more slots
+    # the server decodes plainly): calibrated (what a user gets), and drafting on every step as llama-server does
+    # (a chain as deep as llama-server's, and the default dynamic tree).
+    for tree in ("auto", "chain", "default"):
+        env = {**os.environ, "PORT": str(port), "MEDUSA_WEIGHTS_PATH": str(args.drafter),
+               "N_THREADS": str(args.threads), "TREE": tree, "N_PARALLEL": "1"}  # one slot, as llama-server -np 1
+        results.append(run_mode(f"medusa-gguf_eagle3_{tree}", [sys.executable, "main.py"], url, prompts,
+                                args.max_tokens, env=env))
     plain = next((r for r in results if r["mode"] == "llama-server_plain" and "texts" in r), None)
-    print(f"\n{'mode':30s} {'tokens/s':>9s} {'vs plain':>9s} {'same text':>10s}")
+    print(f"\n{'mode':30s} {'tokens/s':>9s} {'vs plain':>9s} {'tau':>5s} {'same text':>10s}")
     for r in results:
         if "texts" not in r:
             print(f"{r['mode']:30s} failed: {r['error']}")
             continue
         same = sum(a == b for a, b in zip(r["texts"], plain["texts"])) if plain else 0
         ratio = r["tokens_per_s"] / plain["tokens_per_s"] if plain else float("nan")
-        print(f"{r['mode']:30s} {r['tokens_per_s']:9.1f} {ratio:8.2f}x {same:>4d}/{len(prompts)}")
+        print(f"{r['mode']:30s} {r['tokens_per_s']:9.1f} {ratio:8.2f}x {r.get('tau', 1.0):5.2f} "
+              f"{same:>4d}/{len(prompts)}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=2))
