@@ -41,7 +41,7 @@ from .models import GGUF_MAGIC, ModelFileError, TensorInfo, embedding_matrix, ou
 log = logging.getLogger(__name__)
 
 ARCH = "eagle3"
-WEIGHT_TYPES = ("f32", "f16", "q8_0")
+WEIGHT_TYPES = ("f32", "f16", "q8_0", "q4_0")
 KEY_SHA, KEY_ACCURACY, KEY_RANKS = "medusa_gguf.base_model_sha256", "medusa_gguf.accuracy", "medusa_gguf.accuracy_ranks"
 
 
@@ -254,7 +254,8 @@ def export_eagle3_gguf(drafter: Eagle3Drafter, path: Path, *, target_gguf: Path,
     Matrices are stored as `weight_type`, except fc, kept f32 (4 MB on the default model): it reads the target's
     raw residual stream, whose massive activations (up to ~25,000 on the default model) ggml would round to f16
     (inf past 65,504) or to 8-bit blocks for an f16 or q8_0 matrix; measured on real features, an f16 fc put g
-    0.4 off, a q8_0 fc 20 off. Norms stay f32 and d2t I64, as the converter writes them."""
+    0.4 off, a q8_0 fc 20 off. Norms stay f32 and d2t I64, as the converter writes them. q4_0 halves what a draft
+    call reads again (a drafter call is memory-bound like a plain step) at the price of 4-bit weights."""
     import gguf
     from gguf.quants import quantize
 
@@ -270,7 +271,7 @@ def export_eagle3_gguf(drafter: Eagle3Drafter, path: Path, *, target_gguf: Path,
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     w = gguf.GGUFWriter(tmp, ARCH)
     file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-                 "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[weight_type]
+                 "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}[weight_type]
     w.add_name(f"{t.name} EAGLE-3 drafter")
     w.add_file_type(int(file_type))
     w.add_context_length(c.n_ctx_train)
@@ -305,11 +306,11 @@ def export_eagle3_gguf(drafter: Eagle3Drafter, path: Path, *, target_gguf: Path,
         a = x.float().numpy()
         if kind == "f32":
             w.add_tensor(name, a)
-        elif kind == "f16" or a.shape[-1] % 32:  # q8_0 blocks hold 32 values of a row
+        elif kind == "f16" or a.shape[-1] % 32:  # q8_0 and q4_0 blocks hold 32 values of a row
             w.add_tensor(name, a.astype(np.float16))
         else:
-            w.add_tensor(name, quantize(a, gguf.GGMLQuantizationType.Q8_0),
-                         raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+            qtype = gguf.GGMLQuantizationType[kind.upper()]
+            w.add_tensor(name, quantize(a, qtype), raw_dtype=qtype)
 
     def vector(name: str, x: torch.Tensor) -> None:
         w.add_tensor(name, x.float().numpy())

@@ -78,7 +78,8 @@ def build_parser(prog: str = "train_medusa.py") -> argparse.ArgumentParser:
                                     "grown by `python -m medusa_gguf.corpus grow`) instead of samples; the model's "
                                     "hash picks its folder")
     g.add_argument("--prompts_file", help="prompts for --self_distill (.jsonl with 'prompt'/'messages'/'text', or .txt)")
-    g.add_argument("--max_samples", type=int, default=0, help="use at most this many samples/prompts (0: all)")
+    g.add_argument("--max_samples", type=int, default=0, help="use at most this many samples/prompts (0: all); from a --corpus, a random "
+                        "draw over the whole store (seeded by --seed), so every prompt source is represented")
     g.add_argument("--distill_max_tokens", type=int, default=d.distill_max_tokens, help="answer length cap (default: %(default)s)")
     g.add_argument("--max_seq_len", type=int, default=d.max_seq_len, help="tokens per training sequence (default: %(default)s)")
     g.add_argument("--val_fraction", type=float, default=d.val_fraction, help="held-out share of sequences (default: %(default)s)")

@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import os
+import random
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, replace
@@ -98,8 +99,10 @@ def training_sequences(args: TrainArgs, backend, cache: Path, model_sha: str) ->
 
         folder = corpus_dir(Path(args.corpus), model_sha)
         seqs = load(folder, model_sha256=model_sha, max_seq_len=args.max_seq_len)
-        if args.max_samples:
-            seqs = seqs[: args.max_samples]
+        if args.max_samples and args.max_samples < len(seqs):
+            # the store grows one prompt source after another, so its first sequences would all share one source
+            keep = sorted(random.Random(args.seed).sample(range(len(seqs)), args.max_samples))
+            seqs = [seqs[i] for i in keep]
         if not seqs:
             raise D.DataError(f"the corpus {folder} holds no answers yet: grow it with `python -m medusa_gguf.corpus grow`")
         log.info("training on %d sequences of the corpus %s", len(seqs), folder)

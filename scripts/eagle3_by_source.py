@@ -1,9 +1,10 @@
 """In-loop acceptance of an EAGLE-3 drafter per prompt source: is a gap to validation the loop's or the prompts'?
 
 The drafter's validation split comes from the corpus's own prompt source. This script decodes, with a static
-dynamic tree (TREE=default), prompts from three sources. Corpus prompts outside the first --trained samples of
-the corpus (the shipped drafter trained on the first 2,000: `--max_samples 2000`) are the validation split's
-source, but unseen. The template held-out set is instruction prompts from templates. The
+dynamic tree (TREE=default), prompts from three sources. Corpus prompts that neither the drafter's training draw
+(`--max_samples N --seed S` of train_medusa.py, repeated here as `--trained N --seed S`) nor the first
+`--trained-first M` samples of the corpus (what drafters trained before the draw existed read) touched are the
+validation split's source, but unseen. The template held-out set is instruction prompts from templates. The
 hand-written unseen set is chat. It prints tau and the share of steps accepted to each depth, per source. When the
 corpus row matches validation and the others fall below it, the loop is right and the gap is the prompts'.
 
@@ -15,6 +16,7 @@ import argparse
 import json
 import logging
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -30,15 +32,20 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--drafter", type=Path, default=None, help="EAGLE-3 .gguf (default: the shipped drafter)")
     ap.add_argument("--per-source", type=int, default=10, help="prompts per source")
-    ap.add_argument("--trained", type=int, default=2000,
-                    help="corpus samples the drafter was trained on (its --max_samples; default: %(default)s)")
+    ap.add_argument("--trained", type=int, default=3600,
+                    help="the drafter's training draw from the corpus (its --max_samples; default: %(default)s)")
+    ap.add_argument("--seed", type=int, default=0, help="the draw's seed (train_medusa.py --seed; default: %(default)s)")
+    ap.add_argument("--trained-first", type=int, default=2000,
+                    help="also leave out the corpus's first samples (the previous drafter's data; default: %(default)s)")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT))
     from medusa_gguf.corpus import ROOT as CORPUS_ROOT
-    from medusa_gguf.corpus import corpus_dir, read_manifest, read_prompts
+    from medusa_gguf.corpus import Store, corpus_dir, read_manifest, read_prompts
+    from medusa_gguf.train_args import TrainArgs
+    from medusa_gguf.training import training_sequences
     from medusa_gguf.models import file_sha256
     from medusa_gguf.decoding import GenerationResult, SamplingParams
     from medusa_gguf.engine import SHIPPED_EAGLE3, Engine, plan_decoding
@@ -55,8 +62,20 @@ def main() -> int:
     def read(path: Path) -> list[dict]:
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
-    trained = set(read_manifest(corpus_dir(CORPUS_ROOT, file_sha256(engine.backend.model_path))).done[:args.trained])
+    sha = file_sha256(engine.backend.model_path)
+    folder = corpus_dir(CORPUS_ROOT, sha)
+    manifest = read_manifest(folder)
+    with tempfile.TemporaryDirectory() as tmp:
+        drawn = {tuple(s.tokens) for s in training_sequences(
+            TrainArgs(corpus=str(CORPUS_ROOT), max_samples=args.trained, seed=args.seed), None, Path(tmp), sha)}
+    step = TrainArgs.max_seq_len
+    trained = set(manifest.done[: args.trained_first])
+    for r in Store(folder, manifest).records():
+        toks = [*r.prompt.tolist(), *r.answer.tolist(), *(manifest.end_of_turn if r.finished else [])]
+        if any(tuple(toks[i : i + step]) in drawn for i in range(0, len(toks), step)):
+            trained.add(r.id)
     fresh = [p.text for p in read_prompts(PROMPTS / "corpus_prompts.jsonl") if p.id not in trained]
+    print(f"{len(fresh)} corpus prompts untouched by training", flush=True)
     sources = {
         "corpus prompts past the trained samples (validation's source)": spread(fresh, args.per_source),
         "template held-out (heldout.jsonl)": spread([r["prompt"] for r in read(PROMPTS / "heldout.jsonl")],

@@ -163,3 +163,19 @@ def test_training_reads_the_stored_corpus(model_path, tmp_path):
     assert sum(s.first_row > 0 for s in seqs) >= 0.99 * len(seqs)  # answers, with their prompts as context
     with pytest.raises((CorpusError, FileNotFoundError, ValueError), match=str(tmp_path)):
         training_sequences(TrainArgs(corpus=str(tmp_path)), None, tmp_path, sha)
+
+
+def test_a_corpus_subset_is_drawn_over_the_whole_store(model_path, tmp_path):
+    """The store grows one prompt source after another: --max_samples must not keep only the first source."""
+    from medusa_gguf.models import file_sha256
+    from medusa_gguf.training import training_sequences
+
+    sha, corpus = file_sha256(model_path), str(ROOT / "data" / "corpus")
+    full = training_sequences(TrainArgs(corpus=corpus), None, tmp_path, sha)
+    picked = training_sequences(TrainArgs(corpus=corpus, max_samples=200), None, tmp_path, sha)
+    again = training_sequences(TrainArgs(corpus=corpus, max_samples=200), None, tmp_path, sha)
+    assert [s.tokens for s in picked] == [s.tokens for s in again]  # seeded
+    where = {tuple(s.tokens): i for i, s in enumerate(full)}
+    idx = [where[tuple(s.tokens)] for s in picked]
+    assert len(set(idx)) == 200 and idx == sorted(idx)
+    assert min(idx) < len(full) // 4 and max(idx) >= 3 * len(full) // 4
