@@ -110,3 +110,22 @@ def test_head_cost_is_measured_per_depth_for_both_types(backend, tiny_run, tiny_
     assert dependent.config.head_type == "dependent" and medusa.config.head_type == "medusa"
     m, d = E.head_cost_ms(medusa, backend.n_embd, 4), E.head_cost_ms(dependent, backend.n_embd, 4)
     assert len(m) == len(d) == 4 and all(x > 0 for x in m + d)  # one cost per draft depth, for calibration
+
+
+def test_setup_work_runs_in_a_thread_that_ends_and_its_result_or_error_comes_back():
+    import threading
+
+    seen = []
+
+    def work(x):
+        seen.append(threading.current_thread())
+        return x * 2
+
+    assert E.in_passing_thread(work, 21) == 42
+    assert seen[0] is not threading.current_thread() and not seen[0].is_alive()
+
+    def fail():
+        raise ValueError("bad heads file")
+
+    with pytest.raises(ValueError, match="bad heads file"):
+        E.in_passing_thread(fail)
