@@ -16,12 +16,16 @@ any text in the cache holds (the chat template's system prompt, the conversation
 again (`Backend.reuse_prefix`). Not with layer taps on: an EAGLE-3 drafter needs every prompt token's features.
 
 llama.cpp is only ever called by one thread at a time (`_llama`, a lock held around every call and cache edit).
+With more than one slot, rounds run on one long-lived thread of the batcher's own, whichever request asked for
+them: OpenMP (llama.cpp's CPU threads) keeps a pool of workers per thread that ever led its work, and several pools
+on a machine with as many cores as decoding threads make every pool's barriers sleep instead of spin.
 """
 from __future__ import annotations
 
 import logging
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
@@ -83,6 +87,12 @@ class Batcher:
         self._running = False
         backend.reset()
         self.slots = [Slot(self, state) for state in backend.states]
+        # one slot: its request's thread leads every call, the drafter's included, so there is one pool already
+        self._rounds = ThreadPoolExecutor(1, thread_name_prefix="rounds") if len(self.slots) > 1 else None
+
+    def close(self) -> None:
+        if self._rounds is not None:
+            self._rounds.shutdown(wait=True)
 
     @property
     def active(self) -> int:
@@ -119,7 +129,10 @@ class Batcher:
                     early = len(jobs) < self._active
                     self._cond.release()
                     try:
-                        self._round(jobs, early)
+                        if self._rounds is None:
+                            self._round(jobs, early)
+                        else:
+                            self._rounds.submit(self._round, jobs, early).result()
                     finally:
                         self._cond.acquire()
                         self._running = False

@@ -183,6 +183,8 @@ class Engine:
         return self._views
 
     def close(self) -> None:
+        if self._views is not None:
+            self.batcher.close()
         self.plan.close()
         self.backend.close()
 

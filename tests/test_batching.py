@@ -77,6 +77,27 @@ def test_concurrent_requests_give_what_they_give_alone(prompts, alone, tree):
         engine.close()
 
 
+
+@pytest.mark.parametrize("slots", [1, 3])
+def test_every_call_is_led_by_one_thread(prompts, slots):
+    """OpenMP keeps a worker pool per thread that led its work; more pools than cores throttle every barrier. So
+    with several slots the rounds run on the batcher's own thread, and with one slot on the request's."""
+    engine = Engine(Settings(n_ctx=N_CTX, n_threads=2, tree="plain"), slots=slots)
+    try:
+        leaders = []
+        decode_batch = engine.backend.decode_batch
+
+        def recording(works):
+            leaders.append(threading.current_thread().name)
+            return decode_batch(works)
+
+        engine.backend.decode_batch = recording
+        run_together(engine, prompts[:slots])
+        assert len(leaders) > slots and len(set(leaders)) == 1, leaders
+        assert leaders[0].startswith("rounds") == (slots > 1), leaders[0]
+    finally:
+        engine.close()
+
 def test_trash_compaction_under_load_keeps_outputs_exact(backend):
     """Per-slot windows of 128 leave 128 slack cells for 10 texts' discarded tree nodes: compactions must happen,
     and with 10 trees of 10 nodes a round takes two calls, so the room for both is made before the first."""
