@@ -206,7 +206,7 @@ def in_passing_thread(fn, *args):
         except BaseException as exc:  # noqa: BLE001 (re-raised in the caller's thread)
             out["error"] = exc
 
-    worker = threading.Thread(target=run, name="medusa-setup")
+    worker = threading.Thread(target=run, name="medusa-setup", daemon=True)  # Ctrl-C at start-up need not wait
     worker.start()
     worker.join()
     if "error" in out:
