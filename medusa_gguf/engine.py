@@ -196,8 +196,9 @@ def in_passing_thread(fn, *args):
     for every thread that ever ran a parallel region, and they stay for the life of that thread. Work run once at
     start from the thread that later only waits (the server's event loop) would leave such a pool beside the
     threads that decode, and on a machine with as many cores as decoding threads it costs those decodes their
-    cores: measured on this 2-core machine, a server whose main thread had run torch decoded at 76-83 tokens/s
-    instead of 98-102. A pool made here leaves with this thread."""
+    cores: measured on this 2-core machine (one slot, plain, three runs each), a server whose main thread had run
+    torch decoded at 63-84 tokens/s, against 88-105 without torch and 91-106 with torch run on a thread that then
+    ended. A pool made here leaves with this thread."""
     out: dict = {}
 
     def run() -> None:
