@@ -77,7 +77,6 @@ def test_concurrent_requests_give_what_they_give_alone(prompts, alone, tree):
         engine.close()
 
 
-
 @pytest.mark.parametrize("slots", [1, 3])
 def test_every_call_is_led_by_one_thread(prompts, slots):
     """OpenMP keeps a worker pool per thread that led its work; more pools than cores throttle every barrier. So
@@ -97,6 +96,7 @@ def test_every_call_is_led_by_one_thread(prompts, slots):
         assert leaders[0].startswith("rounds") == (slots > 1), leaders[0]
     finally:
         engine.close()
+
 
 def test_trash_compaction_under_load_keeps_outputs_exact(backend):
     """Per-slot windows of 128 leave 128 slack cells for 10 texts' discarded tree nodes: compactions must happen,

@@ -1,6 +1,7 @@
 """How the engine chooses to decode: weights file, shipped heads bound to one model file, tree, fallbacks."""
 from __future__ import annotations
 
+import threading
 from dataclasses import replace
 from pathlib import Path
 
@@ -113,8 +114,6 @@ def test_head_cost_is_measured_per_depth_for_both_types(backend, tiny_run, tiny_
 
 
 def test_setup_work_runs_in_a_thread_that_ends_and_its_result_or_error_comes_back():
-    import threading
-
     seen = []
 
     def work(x):
