@@ -222,7 +222,7 @@ def train_eagle3(args: TrainArgs) -> Path:
     from .eagle3 import save_drafter
     from .eagle3_gguf import drafter_for_target
     from .features import default_target_layers, extract_feature_shards
-    from .training import pick_device, plot_metrics, training_sequences
+    from .training import corpus_rest, pick_device, plot_metrics, training_sequences
 
     if args.ttt_steps < 1:
         raise ValueError(f"--ttt_steps {args.ttt_steps}: at least 1")
@@ -245,21 +245,26 @@ def train_eagle3(args: TrainArgs) -> Path:
     backend = Backend(settings)
     seqs = training_sequences(args, backend, cache, model_sha)
     train_seqs, val_seqs = D.split_sequences(seqs, args.val_fraction, args.seed)
+    rest = corpus_rest(args, model_sha) if args.train_on_rest else []
     layers = default_target_layers(backend.n_layer)
     n_vocab = backend.n_vocab
     n_future = max(2, args.ttt_steps + 1)  # future[:, k + 1] is step k's target
     manifests = {}
-    for name, part in (("train", train_seqs), ("val", val_seqs)):
+    # each part has a cache of its own, so --train_on_rest reuses the draw's train and val features as they are
+    parts = {"train": train_seqs, "val": val_seqs, **({"rest": rest} if rest else {})}
+    for name, part in parts.items():
         manifests[name] = extract_feature_shards(backend, [s.tokens for s in part], cache / f"eagle3-{name}-f{n_future}",
                                                  n_future=n_future, layers=layers,
                                                  desc=f"EAGLE-3 features ({name})")
     backend.close()
-    train_paths = manifests["train"].paths(cache / f"eagle3-train-f{n_future}")
+    train_paths = [p for name in parts if name != "val"
+                   for p in manifests[name].paths(cache / f"eagle3-{name}-f{n_future}")]
     val_paths = manifests["val"].paths(cache / f"eagle3-val-f{n_future}")
-    train_first = [s.first_row for s in train_seqs]
+    train_first = [s.first_row for s in train_seqs + rest]
     val_first = [s.first_row for s in val_seqs]
     log.info("EAGLE-3: layers %s, %d training rows from %d sequences, %d validation sequences, %d TTT steps",
-             layers, manifests["train"].rows, len(train_seqs), len(val_seqs), args.ttt_steps)
+             layers, sum(manifests[name].rows for name in parts if name != "val"), len(train_seqs) + len(rest),
+             len(val_seqs), args.ttt_steps)
 
     # Draft vocabulary: the most frequent targets of the training answers.
     counts = np.zeros(n_vocab, dtype=np.int64)

@@ -31,6 +31,7 @@ class TrainArgs:
     max_seq_len: int = 512
     val_fraction: float = 0.05
     max_train_sequences: int = 0  # 0: all; else train on the first N sequences only (data-size curves)
+    train_on_rest: bool = False  # eagle3 --corpus --max_samples N: also train on every sequence outside the draw
     train_on_prompt: bool = False  # chats: also train and score the prompt's positions (default: the reply's only)
     output_dir: str = "medusa_heads_weights"
     cache_dir: str | None = None  # default: <output_dir>/cache
@@ -89,6 +90,10 @@ def build_parser(prog: str = "train_medusa.py") -> argparse.ArgumentParser:
     g.add_argument("--max_train_sequences", type=int, default=0,
                    help="train on the first N training sequences only, same hidden-state cache and validation set "
                         "(for data-size curves; 0: all)")
+    g.add_argument("--train_on_rest", action="store_true",
+                   help="eagle3, with --corpus and --max_samples N: also train on every corpus sequence outside the "
+                        "draw of N. The draw's split stays as it was, so its cached features are reused, only the "
+                        "rest is extracted, and validation is the same set an N-sample run reported on")
     h = p.add_argument_group("heads")
     h.add_argument("--k_heads", type=int, default=d.k_heads, help="number of heads (default: %(default)s)")
     h.add_argument("--head_type", default=d.head_type, choices=["medusa", "dependent", "eagle3"],

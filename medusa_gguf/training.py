@@ -100,15 +100,34 @@ def training_sequences(args: TrainArgs, backend, cache: Path, model_sha: str) ->
         folder = corpus_dir(Path(args.corpus), model_sha)
         seqs = load(folder, model_sha256=model_sha, max_seq_len=args.max_seq_len)
         if args.max_samples and args.max_samples < len(seqs):
-            # the store grows one prompt source after another, so its first sequences would all share one source
-            keep = sorted(random.Random(args.seed).sample(range(len(seqs)), args.max_samples))
-            seqs = [seqs[i] for i in keep]
+            seqs = [seqs[i] for i in corpus_draw(len(seqs), args.max_samples, args.seed)]
         if not seqs:
             raise D.DataError(f"the corpus {folder} holds no answers yet: grow it with `python -m medusa_gguf.corpus grow`")
         log.info("training on %d sequences of the corpus %s", len(seqs), folder)
         return seqs
     samples = gather_samples(args, backend, cache)
     return D.tokenize_samples(backend, samples, args.max_seq_len, train_on_prompt=args.train_on_prompt)
+
+
+def corpus_draw(n: int, k: int, seed: int) -> list[int]:
+    """The indices, sorted, of a seeded draw of `k` of a corpus's `n` sequences. The store grows one prompt source
+    after another, so its first k sequences would all share one source."""
+    return sorted(random.Random(seed).sample(range(n), k))
+
+
+def corpus_rest(args: TrainArgs, model_sha: str) -> list[D.TokenSeq]:
+    """--train_on_rest: the corpus sequences outside the --max_samples draw, in a seeded order."""
+    from .corpus import corpus_dir, load
+
+    if not (args.corpus and args.max_samples):
+        raise D.DataError("--train_on_rest needs --corpus and --max_samples N: it adds the sequences outside that draw")
+    seqs = load(corpus_dir(Path(args.corpus), model_sha), model_sha256=model_sha, max_seq_len=args.max_seq_len)
+    drawn = set(corpus_draw(len(seqs), args.max_samples, args.seed)) if args.max_samples < len(seqs) else set(range(len(seqs)))
+    rest = [s for i, s in enumerate(seqs) if i not in drawn]
+    random.Random(args.seed).shuffle(rest)  # store order runs source by source; training reads shards in order
+    log.info("--train_on_rest: %d corpus sequences outside the draw of %d join the training split", len(rest),
+             min(args.max_samples, len(seqs)))
+    return rest
 
 
 def sequences_per_shard(paths: list[Path], max_sequences: int = 0) -> list[int]:
@@ -256,6 +275,8 @@ def train(args: TrainArgs) -> Path:
         from .eagle3_train import train_eagle3
 
         return train_eagle3(args)
+    if args.train_on_rest:
+        raise D.DataError("--train_on_rest is for --head_type eagle3 (the heads' cache is one split)")
 
     device = pick_device(args.device)
     dist = init_distributed(device)

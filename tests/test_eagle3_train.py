@@ -179,3 +179,47 @@ def test_a_corpus_subset_is_drawn_over_the_whole_store(model_path, tmp_path):
     idx = [where[tuple(s.tokens)] for s in picked]
     assert len(set(idx)) == 200 and idx == sorted(idx)
     assert min(idx) < len(full) // 4 and max(idx) >= 3 * len(full) // 4
+
+
+def test_train_on_rest_keeps_the_draw_and_its_features_and_adds_every_other_sequence(model_path, tmp_path):
+    """--train_on_rest grows a --max_samples draw to the whole corpus: the draw's cached features and validation
+    stay as they were, and only the sequences outside the draw are extracted, into a cache of their own."""
+    from medusa_gguf import corpus as C
+    from medusa_gguf.data import DataError
+    from medusa_gguf.models import file_sha256
+    from medusa_gguf.settings import Settings
+    from medusa_gguf.training import corpus_rest, training_sequences
+
+    prompts = [p for p in C.read_prompts(ROOT / "medusa_gguf" / "prompts" / "corpus_prompts.jsonl")
+               if len(p.text) < 120][:8]
+    root = tmp_path / "corpus"
+    C.grow(Settings(n_ctx=1024, n_threads=1), prompts, root=root, target_tokens=10**6, chunk_size=4, streams=2,
+           gen=C.Generation(max_new_tokens=8), progress=False)
+    cache = tmp_path / "cache"
+    base = TrainArgs(corpus=str(root), max_samples=5, val_fraction=0.2, threads=2, draft_vocab_size=256,
+                     batch_size=2, epochs=1, head_type="eagle3", ttt_steps=2, cache_dir=str(cache), save_steps=0)
+    sha = file_sha256(model_path)
+    drawn = training_sequences(base, None, tmp_path, sha)
+    rest = corpus_rest(TrainArgs(**{**base.__dict__, "train_on_rest": True}), sha)
+    everything = training_sequences(TrainArgs(corpus=str(root)), None, tmp_path, sha)
+    assert len(drawn) == 5 and len(rest) == 3
+    assert sorted(map(tuple, (s.tokens for s in drawn + rest))) == sorted(map(tuple, (s.tokens for s in everything)))
+    assert [s.tokens for s in rest] == [s.tokens for s in corpus_rest(TrainArgs(**{**base.__dict__}), sha)]  # seeded
+
+    train_eagle3(TrainArgs(**{**base.__dict__, "output_dir": str(tmp_path / "draw")}))
+    stamps = {p: p.stat().st_mtime_ns for p in cache.rglob("*") if p.is_file()}
+    train_eagle3(TrainArgs(**{**base.__dict__, "output_dir": str(tmp_path / "all"), "train_on_rest": True}))
+    assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())  # the draw's features were reused untouched
+    rest_manifest = json.loads((cache / "eagle3-rest-f3" / "manifest.json").read_text())
+    assert rest_manifest["sequences"] == 3 and rest_manifest["complete"] and rest_manifest["rows"] > 0
+
+    def val_rows(run: str) -> list[int]:
+        lines = (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+        return [json.loads(line)["val_rows"] for line in lines if "val_rows" in line]
+
+    assert val_rows("all") == val_rows("draw") and val_rows("draw")[0] > 0
+    config, _ = read_drafter_file(tmp_path / "all" / "eagle3_latest.pth")
+    assert config.training_args["train_on_rest"] is True
+
+    with pytest.raises(DataError, match="--max_samples"):
+        corpus_rest(TrainArgs(corpus=str(root), train_on_rest=True), sha)
