@@ -222,7 +222,7 @@ def train_eagle3(args: TrainArgs) -> Path:
     from .eagle3 import save_drafter
     from .eagle3_gguf import drafter_for_target
     from .features import default_target_layers, extract_feature_shards
-    from .training import corpus_rest, pick_device, plot_metrics, training_sequences
+    from .training import corpus_sequences, pick_device, plot_metrics, training_sequences
 
     if args.ttt_steps < 1:
         raise ValueError(f"--ttt_steps {args.ttt_steps}: at least 1")
@@ -243,9 +243,11 @@ def train_eagle3(args: TrainArgs) -> Path:
     settings = Settings.from_env(base_model_path=model_path, n_threads=args.threads or None,
                                  n_ctx=max(1024, args.max_seq_len + 64))
     backend = Backend(settings)
-    seqs = training_sequences(args, backend, cache, model_sha)
+    if args.train_on_rest:
+        seqs, rest = corpus_sequences(args, model_sha)
+    else:
+        seqs, rest = training_sequences(args, backend, cache, model_sha), []
     train_seqs, val_seqs = D.split_sequences(seqs, args.val_fraction, args.seed)
-    rest = corpus_rest(args, model_sha) if args.train_on_rest else []
     layers = default_target_layers(backend.n_layer)
     n_vocab = backend.n_vocab
     n_future = max(2, args.ttt_steps + 1)  # future[:, k + 1] is step k's target
@@ -257,13 +259,13 @@ def train_eagle3(args: TrainArgs) -> Path:
                                                  n_future=n_future, layers=layers,
                                                  desc=f"EAGLE-3 features ({name})")
     backend.close()
-    train_paths = [p for name in parts if name != "val"
-                   for p in manifests[name].paths(cache / f"eagle3-{name}-f{n_future}")]
+    trained = [name for name in parts if name != "val"]
+    train_paths = [p for name in trained for p in manifests[name].paths(cache / f"eagle3-{name}-f{n_future}")]
     val_paths = manifests["val"].paths(cache / f"eagle3-val-f{n_future}")
     train_first = [s.first_row for s in train_seqs + rest]
     val_first = [s.first_row for s in val_seqs]
     log.info("EAGLE-3: layers %s, %d training rows from %d sequences, %d validation sequences, %d TTT steps",
-             layers, sum(manifests[name].rows for name in parts if name != "val"), len(train_seqs) + len(rest),
+             layers, sum(manifests[name].rows for name in trained), len(train_seqs) + len(rest),
              len(val_seqs), args.ttt_steps)
 
     # Draft vocabulary: the most frequent targets of the training answers.

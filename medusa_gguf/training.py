@@ -95,16 +95,7 @@ def gather_samples(args: TrainArgs, backend, cache: Path) -> list[D.Sample]:
 def training_sequences(args: TrainArgs, backend, cache: Path, model_sha: str) -> list[D.TokenSeq]:
     """Token sequences to train on: a stored self-distilled corpus (--corpus), else the gathered samples."""
     if args.corpus:
-        from .corpus import corpus_dir, load
-
-        folder = corpus_dir(Path(args.corpus), model_sha)
-        seqs = load(folder, model_sha256=model_sha, max_seq_len=args.max_seq_len)
-        if args.max_samples and args.max_samples < len(seqs):
-            seqs = [seqs[i] for i in corpus_draw(len(seqs), args.max_samples, args.seed)]
-        if not seqs:
-            raise D.DataError(f"the corpus {folder} holds no answers yet: grow it with `python -m medusa_gguf.corpus grow`")
-        log.info("training on %d sequences of the corpus %s", len(seqs), folder)
-        return seqs
+        return corpus_sequences(args, model_sha)[0]
     samples = gather_samples(args, backend, cache)
     return D.tokenize_samples(backend, samples, args.max_seq_len, train_on_prompt=args.train_on_prompt)
 
@@ -115,19 +106,28 @@ def corpus_draw(n: int, k: int, seed: int) -> list[int]:
     return sorted(random.Random(seed).sample(range(n), k))
 
 
-def corpus_rest(args: TrainArgs, model_sha: str) -> list[D.TokenSeq]:
-    """--train_on_rest: the corpus sequences outside the --max_samples draw, in a seeded order."""
+def corpus_sequences(args: TrainArgs, model_sha: str) -> tuple[list[D.TokenSeq], list[D.TokenSeq]]:
+    """The corpus's --max_samples draw (all of it without), and with --train_on_rest the sequences outside the
+    draw in a seeded order (else none). The store is read once for both."""
     from .corpus import corpus_dir, load
 
-    if not (args.corpus and args.max_samples):
+    if args.train_on_rest and not (args.corpus and args.max_samples):
         raise D.DataError("--train_on_rest needs --corpus and --max_samples N: it adds the sequences outside that draw")
-    seqs = load(corpus_dir(Path(args.corpus), model_sha), model_sha256=model_sha, max_seq_len=args.max_seq_len)
-    drawn = set(corpus_draw(len(seqs), args.max_samples, args.seed)) if args.max_samples < len(seqs) else set(range(len(seqs)))
-    rest = [s for i, s in enumerate(seqs) if i not in drawn]
-    random.Random(args.seed).shuffle(rest)  # store order runs source by source; training reads shards in order
-    log.info("--train_on_rest: %d corpus sequences outside the draw of %d join the training split", len(rest),
-             min(args.max_samples, len(seqs)))
-    return rest
+    folder = corpus_dir(Path(args.corpus), model_sha)
+    seqs = load(folder, model_sha256=model_sha, max_seq_len=args.max_seq_len)
+    if not seqs:
+        raise D.DataError(f"the corpus {folder} holds no answers yet: grow it with `python -m medusa_gguf.corpus grow`")
+    drawn = corpus_draw(len(seqs), args.max_samples, args.seed) if 0 < args.max_samples < len(seqs) \
+        else list(range(len(seqs)))
+    log.info("training on %d sequences of the corpus %s", len(drawn), folder)
+    rest: list[D.TokenSeq] = []
+    if args.train_on_rest:
+        taken = set(drawn)
+        rest = [s for i, s in enumerate(seqs) if i not in taken]
+        random.Random(args.seed).shuffle(rest)  # store order runs source by source; training reads shards in order
+        log.info("--train_on_rest: %d corpus sequences outside the draw of %d join the training split", len(rest),
+                 len(drawn))
+    return [seqs[i] for i in drawn], rest
 
 
 def sequences_per_shard(paths: list[Path], max_sequences: int = 0) -> list[int]:

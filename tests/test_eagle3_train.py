@@ -188,7 +188,7 @@ def test_train_on_rest_keeps_the_draw_and_its_features_and_adds_every_other_sequ
     from medusa_gguf.data import DataError
     from medusa_gguf.models import file_sha256
     from medusa_gguf.settings import Settings
-    from medusa_gguf.training import corpus_rest, training_sequences
+    from medusa_gguf.training import corpus_sequences, training_sequences
 
     prompts = [p for p in C.read_prompts(ROOT / "medusa_gguf" / "prompts" / "corpus_prompts.jsonl")
                if len(p.text) < 120][:8]
@@ -200,11 +200,14 @@ def test_train_on_rest_keeps_the_draw_and_its_features_and_adds_every_other_sequ
                      batch_size=2, epochs=1, head_type="eagle3", ttt_steps=2, cache_dir=str(cache), save_steps=0)
     sha = file_sha256(model_path)
     drawn = training_sequences(base, None, tmp_path, sha)
-    rest = corpus_rest(TrainArgs(**{**base.__dict__, "train_on_rest": True}), sha)
+    on_rest = TrainArgs(**{**base.__dict__, "train_on_rest": True})
+    rest = corpus_sequences(on_rest, sha)[1]
     everything = training_sequences(TrainArgs(corpus=str(root)), None, tmp_path, sha)
     assert len(drawn) == 5 and len(rest) == 3
     assert sorted(map(tuple, (s.tokens for s in drawn + rest))) == sorted(map(tuple, (s.tokens for s in everything)))
-    assert [s.tokens for s in rest] == [s.tokens for s in corpus_rest(TrainArgs(**{**base.__dict__}), sha)]  # seeded
+    assert [s.tokens for s in rest] == [s.tokens for s in corpus_sequences(on_rest, sha)[1]]  # seeded
+    assert [s.tokens for s in corpus_sequences(on_rest, sha)[0]] == [s.tokens for s in drawn]
+    assert corpus_sequences(base, sha)[1] == []
 
     train_eagle3(TrainArgs(**{**base.__dict__, "output_dir": str(tmp_path / "draw")}))
     stamps = {p: p.stat().st_mtime_ns for p in cache.rglob("*") if p.is_file()}
@@ -222,4 +225,4 @@ def test_train_on_rest_keeps_the_draw_and_its_features_and_adds_every_other_sequ
     assert config.training_args["train_on_rest"] is True
 
     with pytest.raises(DataError, match="--max_samples"):
-        corpus_rest(TrainArgs(corpus=str(root), train_on_rest=True), sha)
+        corpus_sequences(TrainArgs(corpus=str(root), train_on_rest=True), sha)
