@@ -341,7 +341,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         return args.func(args)
-    except (SettingsError, ModelFileError, ValueError, RuntimeError) as exc:
+    except (SettingsError, ModelFileError, ValueError, RuntimeError, FileNotFoundError) as exc:
         print(f"medusa-gguf: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

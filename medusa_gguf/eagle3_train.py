@@ -100,14 +100,20 @@ def step_targets(batch: dict[str, torch.Tensor], full_to_draft: torch.Tensor, st
     but its target lies outside the draft vocabulary (no loss; a miss in validation).
 
     Step k at row t reads token t+1+k (future[:, t, k], real only inside the sequence) and predicts token t+k+2
-    (future[:, t, k+1]); the row must be an answer row."""
-    fut = batch["future"]
+    (future[:, t, k+1]; past the shards' future columns, the batch's own token t+k+2); the row must be an answer
+    row."""
+    fut, tokens = batch["future"], batch["tokens"]
     T = fut.shape[1]
+    length = batch["valid"].sum(1, keepdim=True)
     out = []
     for k in range(steps):
-        tgt = fut[:, :, k + 1]
+        if k + 1 < fut.shape[2]:
+            tgt = fut[:, :, k + 1]
+        else:
+            at = torch.arange(T) + k + 2
+            tgt = torch.where(at < length, tokens[:, at.clamp(max=T - 1)], torch.full_like(tokens, -1))
         # ttt_forward gives row t the token at t+1+k only when that row exists in the batch (t+1+k < T)
-        inside = torch.arange(T) + 1 + k < batch["valid"].sum(1, keepdim=True)
+        inside = torch.arange(T) + 1 + k < length
         ok = (tgt >= 0) & inside & batch["answer"]
         mapped = full_to_draft[tgt.clamp(min=0)]
         out.append(torch.where(ok, torch.where(mapped >= 0, mapped, torch.full_like(mapped, OOV)),
@@ -149,38 +155,42 @@ def pick_precision(name: str) -> str:
 
 @torch.no_grad()
 def evaluate(drafter, paths: list[Path], first_rows: list[int], steps: int, decay: float, batch_size: int,
-             full_to_draft: torch.Tensor, ranks: int = 8, precision: str = "fp32") -> dict[str, Any]:
-    """Validation loss, per-step top-1, the chain's tau, and the rank accuracies that size the tree at inference:
-    rank_accuracy[k][r], the share of rows whose steps before k were right where step k's rank-r guess is."""
+             full_to_draft: torch.Tensor, ranks: int = 8, precision: str = "fp32", eval_steps: int = 0
+             ) -> dict[str, Any]:
+    """Validation loss, per-step top-1, the chain's tau (over the `steps` trained steps), and the rank accuracies
+    that size the tree at inference, over max(steps, eval_steps) unrolled steps: rank_accuracy[k][r], the share of
+    rows whose steps before k were right where step k's rank-r guess is."""
+    unrolled = max(steps, eval_steps)
     drafter.eval()
     losses, rows = [], 0
     right_chain = torch.zeros(steps)
     top1 = torch.zeros(steps)
     counted = torch.zeros(steps)
-    at_rank = torch.zeros(steps, ranks)  # rows whose target is step k's rank-r guess, the earlier steps right
-    reached = torch.zeros(steps)  # rows whose earlier steps were right
+    at_rank = torch.zeros(unrolled, ranks)  # rows whose target is step k's rank-r guess, the earlier steps right
+    reached = torch.zeros(unrolled)  # rows whose earlier steps were right
     for batch in sequence_batches(paths, first_rows, batch_size, 0, 0, shuffle=False):
-        targets = step_targets(batch, full_to_draft, steps)
+        targets = step_targets(batch, full_to_draft, unrolled)
         with autocast(precision):
-            states = drafter.ttt_states(batch["features"], batch["tokens"], steps)
-            loss, _ = ttt_loss(drafter, states, targets, decay)
+            states = drafter.ttt_states(batch["features"], batch["tokens"], unrolled)
+            loss, _ = ttt_loss(drafter, states[:steps], targets[:steps], decay)
         losses.append(float(loss))
         base = targets[0] != -1  # rows where the first draft counts: the chain's starting points
         chain = base.clone()
-        for k in range(steps):
+        for k in range(unrolled):
             valid = targets[k] != -1  # OOV targets count, as misses
             with autocast(precision):
                 lg = drafter.logits(states[k][valid]).float()  # [n, draft_vocab]
             top = torch.full((*valid.shape, ranks), -1, dtype=torch.long)
             top[valid] = lg.topk(ranks, dim=-1).indices
             hit = (top[..., 0] == targets[k]) & valid
-            top1[k] += float(hit[valid].sum())
-            counted[k] += float(valid.sum())
             live = chain & valid
             at_rank[k] += (top[live] == targets[k][live][:, None]).float().sum(0)
             reached[k] += float(live.sum())
             chain &= hit
-            right_chain[k] += float(chain[base].sum())
+            if k < steps:
+                top1[k] += float(hit[valid].sum())
+                counted[k] += float(valid.sum())
+                right_chain[k] += float(chain[base].sum())
         rows += int(base.sum())
     drafter.train()
     rows = max(rows, 1)
@@ -254,11 +264,17 @@ def train_eagle3(args: TrainArgs) -> Path:
     manifests = {}
     # each part has a cache of its own, so --train_on_rest reuses the draw's train and val features as they are
     parts = {"train": train_seqs, "val": val_seqs, **({"rest": rest} if rest else {})}
+    if args.eval_only:
+        parts = {"val": val_seqs}
     for name, part in parts.items():
         manifests[name] = extract_feature_shards(backend, [s.tokens for s in part], cache / f"eagle3-{name}-f{n_future}",
                                                  n_future=n_future, layers=layers,
                                                  desc=f"EAGLE-3 features ({name})")
     backend.close()
+    if args.eval_only:
+        return reevaluate(args, out / LATEST, model_path, model_sha, layers,
+                          manifests["val"].paths(cache / f"eagle3-val-f{n_future}"), [s.first_row for s in val_seqs],
+                          precision)
     trained = [name for name in parts if name != "val"]
     train_paths = [p for name in trained for p in manifests[name].paths(cache / f"eagle3-{name}-f{n_future}")]
     val_paths = manifests["val"].paths(cache / f"eagle3-val-f{n_future}")
@@ -358,7 +374,7 @@ def train_eagle3(args: TrainArgs) -> Path:
         bar.close()
         start_micro = 0
         ev = evaluate(drafter, val_paths, val_first, args.ttt_steps, args.loss_decay, args.batch_size, full_to_draft,
-                      precision=precision)
+                      precision=precision, eval_steps=args.eval_steps)
         drafter.config = replace(drafter.config, accuracy=ev["rank_accuracy"])
         log_metrics({"step": step, "epoch": epoch + 1, **ev, "val_acceptance": ev["val_tau_chain"]})
         log.info("epoch %d: val loss %.3f, top-1 per step %s, chain tau (%d drafts) %.3f", epoch + 1, ev["val_loss"],
@@ -366,3 +382,44 @@ def train_eagle3(args: TrainArgs) -> Path:
         checkpoint(epoch + 1, 0, [f"eagle3_epoch{epoch + 1}.pth", LATEST])
     plot_metrics(metrics_path, out / "training_curves.png")
     return out / LATEST
+
+
+DATA_FLAGS = ("base_model_path", "dataset_name", "dataset_config", "dataset_split", "train_files", "self_distill",
+              "corpus", "prompts_file", "max_samples", "max_seq_len", "val_fraction", "train_on_prompt", "seed")
+
+
+def reevaluate(args: TrainArgs, path: Path, model_path: Path, model_sha: str, layers, val_paths: list[Path],
+               val_first: list[int], precision: str) -> Path:
+    """--eval_only: score the drafter at `path` on this run's validation split, unrolled max(its ttt_steps,
+    --eval_steps) steps, and write the rank accuracies into it (atomically). Returns `path`."""
+    from .eagle3 import load_drafter, save_drafter
+    from .models import embedding_matrix, output_matrix
+
+    if not path.is_file():
+        raise FileNotFoundError(f"--eval_only: no drafter at {path}; train one into --output_dir first")
+    drafter = load_drafter(path, torch.from_numpy(embedding_matrix(model_path, output_matrix(model_path))))
+    c = drafter.config
+    if c.base_model_sha256 and c.base_model_sha256 != model_sha:
+        raise D.DataError(f"--eval_only: {path} was trained on another model file (SHA-256 {c.base_model_sha256[:12]}...)"
+                          f", not {model_path.name}")
+    if tuple(c.target_layers) != tuple(layers):
+        raise D.DataError(f"--eval_only: {path} reads layers {tuple(c.target_layers)}, the features hold {tuple(layers)}")
+    trained = c.training_args or {}
+    differ = [f"--{k} {trained[k]!r} (now {getattr(args, k)!r})" for k in DATA_FLAGS
+              if k in trained and trained[k] != getattr(args, k) and not (k == "train_files" and
+                                                                         tuple(trained[k]) == tuple(args.train_files))]
+    if differ:
+        log.warning("--eval_only: %s was trained with other data flags: %s; its validation split may differ from this "
+                    "one (and hold training sequences)", path, ", ".join(differ))
+    steps = int(trained.get("ttt_steps", args.ttt_steps))
+    full_to_draft = torch.full((c.n_vocab,), -1, dtype=torch.long)
+    full_to_draft[drafter.d2t] = torch.arange(len(drafter.d2t))
+    ev = evaluate(drafter, val_paths, val_first, steps, args.loss_decay, args.batch_size, full_to_draft,
+                  precision=precision, eval_steps=args.eval_steps)
+    drafter.config = replace(c, accuracy=ev["rank_accuracy"])
+    save_drafter(drafter, path)
+    log.info("--eval_only: %s on %d validation rows: top-1 per step, given the earlier steps right, %s; chain tau "
+             "(%d drafts) %.3f; accuracies of %d levels written", path, ev["val_rows"],
+             " ".join(f"{row[0]:.3f}" for row in ev["rank_accuracy"]), steps, ev["val_tau_chain"],
+             len(ev["rank_accuracy"]))
+    return path

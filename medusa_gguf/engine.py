@@ -370,7 +370,7 @@ def _plan_eagle3(backend: Backend, settings: Settings, path: Path, tree_setting:
         return DecodingPlan(None, None, f"{label} carries no accuracies to calibrate with; using default dynamic "
                             f"trees ({p.describe()})", path, label=label, eagle3=drafting)
     costs = step_costs(backend, settings)
-    # beyond the trained (training-time test) steps, the last step's accuracies are assumed
+    # beyond the levels validation measured (--eval_steps), the deepest one's accuracies are assumed
     accuracy = [list(accuracy[min(d, len(accuracy) - 1)]) for d in range(max_depth)]
     level_ms = drafting.measure_costs()
     cals = tuple((c, calibrate_tree(accuracy, _eagle3_step_ms(costs, c, level_ms), max_depth=max_depth,

@@ -38,6 +38,8 @@ class TrainArgs:
     k_heads: int = 5
     head_type: str = "medusa"  # "medusa", "dependent" or "eagle3"
     ttt_steps: int = 3  # eagle3: training-time test steps (the drafter unrolled on its own states)
+    eval_steps: int = 6  # eagle3: validation unrolls max(ttt_steps, eval_steps) steps for the rank accuracies
+    eval_only: bool = False  # eagle3: re-evaluate --output_dir's eagle3_latest.pth on the run's validation split
     norm_before_fc: bool = True  # eagle3: RMSNorm the three layers' concatenated features before fc
     mix_rank: int = 0  # dependent heads: rank of the path-mixing matrices (0: full)
     num_layers: int = 1
@@ -104,6 +106,15 @@ def build_parser(prog: str = "train_medusa.py") -> argparse.ArgumentParser:
     h.add_argument("--ttt_steps", type=int, default=d.ttt_steps,
                    help="eagle3: steps the drafter is unrolled on its own predictions, each with a loss "
                         "(default: %(default)s)")
+    h.add_argument("--eval_steps", type=int, default=d.eval_steps,
+                   help="eagle3: validation unrolls the drafter this many steps (at least --ttt_steps) for the rank "
+                        "accuracies stored in the drafter, which TREE=auto sizes dynamic trees with: the accuracies "
+                        "of levels past --ttt_steps are measured, not assumed equal to the last trained step's "
+                        "(default: %(default)s)")
+    h.add_argument("--eval_only", action="store_true",
+                   help="eagle3: evaluate --output_dir's eagle3_latest.pth on this run's validation split (same "
+                        "data flags and --seed as its training; cached features are reused), record the accuracies "
+                        "in it and stop; re-export it afterwards")
     h.add_argument("--norm_before_fc", action=argparse.BooleanOptionalAction, default=d.norm_before_fc,
                    help="eagle3: RMSNorm the concatenated target features before fc (llama.cpp's "
                         "eagle3.norm_before_fc, as EAGLE-3.1 drafters do); the target's residual stream reaches "

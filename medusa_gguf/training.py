@@ -277,6 +277,8 @@ def train(args: TrainArgs) -> Path:
         return train_eagle3(args)
     if args.train_on_rest:
         raise D.DataError("--train_on_rest is for --head_type eagle3 (the heads' cache is one split)")
+    if args.eval_only:
+        raise D.DataError("--eval_only is for --head_type eagle3 (heads record their accuracies as they train)")
 
     device = pick_device(args.device)
     dist = init_distributed(device)

@@ -1,7 +1,7 @@
 """In-loop acceptance of an EAGLE-3 drafter per prompt source: is a gap to validation the loop's or the prompts'?
 
 The drafter's validation split comes from the corpus's own prompt source. This script decodes, with a static
-dynamic tree (TREE=default), prompts from three sources. Corpus prompts that neither the drafter's training draw
+dynamic tree (TREE=default, or --tree), prompts from three sources. Corpus prompts that neither the drafter's training draw
 (`--max_samples N --seed S` of train_medusa.py, repeated here as `--trained N --seed S`) nor the first
 `--trained-first M` samples of the corpus (what drafters trained before the draw existed read) touched are the
 validation split's source, but unseen. The template held-out set is instruction prompts from templates. The
@@ -37,6 +37,10 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0, help="the draw's seed (train_medusa.py --seed; default: %(default)s)")
     ap.add_argument("--trained-first", type=int, default=2000,
                     help="also leave out the corpus's first samples (the previous drafter's data; default: %(default)s)")
+    ap.add_argument("--tree", choices=("default", "wide", "chain"), default="default",
+                    help="dynamic tree shape (TREE=...; default <= 16 nodes, wide <= 48; default: %(default)s)")
+    ap.add_argument("--sources", nargs="+", choices=("corpus", "template", "chat"), default=["corpus", "template", "chat"],
+                    help="prompt sources to decode (default: all three)")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", type=Path, default=None)
@@ -57,7 +61,7 @@ def main() -> int:
     drafter = args.drafter or SHIPPED_EAGLE3
     if not drafter.is_file():
         ap.error(f"no EAGLE-3 drafter at {drafter}")
-    plan = plan_decoding(engine.backend, settings, tree="default", weights=drafter)
+    plan = plan_decoding(engine.backend, settings, tree=args.tree, weights=drafter)
 
     def read(path: Path) -> list[dict]:
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -77,12 +81,11 @@ def main() -> int:
     fresh = [p.text for p in read_prompts(PROMPTS / "corpus_prompts.jsonl") if p.id not in trained]
     print(f"{len(fresh)} corpus prompts untouched by training", flush=True)
     sources = {
-        "corpus prompts past the trained samples (validation's source)": spread(fresh, args.per_source),
-        "template held-out (heldout.jsonl)": spread([r["prompt"] for r in read(PROMPTS / "heldout.jsonl")],
-                                                    args.per_source),
-        "hand-written chat (unseen.jsonl)": spread([r["prompt"] for r in read(PROMPTS / "unseen.jsonl")],
-                                                   args.per_source),
+        "corpus prompts past the trained samples (validation's source)": ("corpus", fresh),
+        "template held-out (heldout.jsonl)": ("template", [r["prompt"] for r in read(PROMPTS / "heldout.jsonl")]),
+        "hand-written chat (unseen.jsonl)": ("chat", [r["prompt"] for r in read(PROMPTS / "unseen.jsonl")]),
     }
+    sources = {name: spread(rows, args.per_source) for name, (key, rows) in sources.items() if key in args.sources}
     params = SamplingParams(max_tokens=args.max_tokens)
     results = []
     for name, prompts in sources.items():
@@ -99,7 +102,7 @@ def main() -> int:
             tokens += r.stats.tokens
             depth = [a + b for a, b in zip(depth, r.stats.accepted_per_depth)] if depth \
                 else list(r.stats.accepted_per_depth)
-        row = {"source": name, "prompts": len(prompts), "steps": steps, "tokens": tokens, "tau": tokens / steps,
+        row = {"source": name, "prompts": len(prompts), "steps": steps, "tokens": tokens, "tree": args.tree, "tau": tokens / steps,
                "accepted_per_depth": [n / steps for n in depth], "seconds": time.perf_counter() - t0}
         results.append(row)
         print(f"{name}: tau {row['tau']:.2f}, accepted to depth 1..{len(depth)}: "

@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from medusa_gguf import data as D
 from medusa_gguf.eagle3 import Eagle3Config, Eagle3Drafter, load_drafter, read_drafter_file
 from medusa_gguf.eagle3_train import (OOV, BUCKET, pick_precision, sequence_batches, step_targets, train_eagle3,
                                       ttt_loss)
@@ -54,6 +55,22 @@ def test_step_targets_follow_the_ttt_convention():
     draft = torch.full((100,), -1)
     draft[13] = 0  # a draft vocabulary of one token: the others still count, as OOV (a miss, no loss)
     assert step_targets(batch, draft, 1)[0, 0].tolist() == [-1, 0, OOV, OOV, -1, -1]
+
+
+def test_step_targets_past_the_future_columns_come_from_the_batchs_tokens():
+    """Validation unrolls more steps than the shards hold future tokens for (--eval_steps): those targets come from
+    the batch's own tokens, and equal what wider future columns would give."""
+    rng = np.random.default_rng(0)
+    seq = [int(x) for x in rng.integers(0, 50, 9)]
+    tokens = torch.tensor([seq + [0, 0]])
+    batch = {"tokens": tokens, "answer": torch.tensor([[False] + [True] * 8 + [False] * 2]),
+             "valid": torch.tensor([[True] * 9 + [False] * 2])}
+    future = torch.full((1, 11, 7), -1, dtype=torch.long)  # padding rows hold nothing
+    future[0, :9] = torch.from_numpy(D.future_tokens(seq, 7)).long()
+    wide, narrow = {**batch, "future": future}, {**batch, "future": future[:, :, :2]}
+    identity = torch.arange(50)
+    assert torch.equal(step_targets(narrow, identity, 6), step_targets(wide, identity, 6))
+    assert (step_targets(narrow, identity, 6)[5] >= 0).tolist()[0] == [False, True] + [False] * 9  # t+7 <= 8, t >= 1
 
 
 def _shard(path: Path, lengths: list[int], width: int = 6, seed: int = 0) -> None:
@@ -135,6 +152,31 @@ def test_training_writes_loadable_drafters_and_learns(eagle3_run, model_path):
     train_losses = [r["loss"] for r in rows if "loss" in r]
     assert sum(train_losses[-3:]) < sum(train_losses[:3]), train_losses
     assert all(1.0 <= r["val_tau_chain"] <= 4.0 for r in val)
+
+
+def test_eval_only_rescores_a_drafter_deeper_and_keeps_its_weights(eagle3_run, tmp_path):
+    """--eval_only re-scores eagle3_latest.pth on the run's validation split, unrolled --eval_steps levels: the
+    trained levels' accuracies are what training recorded, the deeper ones are added, the weights stay."""
+    import shutil
+
+    config, state = read_drafter_file(eagle3_run / "eagle3_latest.pth")
+    assert len(config.accuracy) == 6  # training's validation unrolls --eval_steps (6) past the 3 TTT steps
+    out = tmp_path / "run"
+    out.mkdir()
+    shutil.copy(eagle3_run / "eagle3_latest.pth", out / "eagle3_latest.pth")
+    cmd = [sys.executable, str(ROOT / "model" / "train_medusa.py"), *TINY_TRAIN_FLAGS, "--head_type", "eagle3",
+           "--ttt_steps", "3", "--output_dir", str(out), "--cache_dir", str(eagle3_run.parent / "cache"),
+           "--eval_only", "--eval_steps", "4"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "accuracies of 4 levels written" in proc.stderr
+    again, state2 = read_drafter_file(out / "eagle3_latest.pth")
+    assert len(again.accuracy) == 4
+    assert again.accuracy == pytest.approx(config.accuracy[:4], abs=1e-6)
+    assert state.keys() == state2.keys() and all(torch.equal(state[k], state2[k]) for k in state)
+    missing = subprocess.run([*cmd[:cmd.index("--output_dir") + 1], str(tmp_path / "none"), *cmd[cmd.index("--cache_dir"):]],
+                             capture_output=True, text=True, timeout=600)
+    assert missing.returncode != 0 and "--eval_only: no drafter at" in missing.stderr
 
 
 def test_resume_ends_with_the_same_weights(tiny_run, tmp_path):
