@@ -101,8 +101,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from .train_args import args_from_namespace
     from .training import train
 
-    path = train(args_from_namespace(args))
-    print(f"heads written to {path}")
+    targs = args_from_namespace(args)
+    path = train(targs)
+    what = "EAGLE-3 drafter" if targs.head_type == "eagle3" else "heads"
+    print(f"{what} {'re-scored' if targs.eval_only else 'written'}: {path}")
     return 0
 
 
