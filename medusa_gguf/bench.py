@@ -50,6 +50,7 @@ class Run:
     tree_steps: int = 0
     tree_tokens: int = 0  # tokens the tree steps emitted
     predicted_tree_tokens: float = 0.0  # what the heads' accuracies expected of those steps
+    predicted: bool = True  # False: tree steps whose drafter the cost model cannot price (a dynamic EAGLE-3 tree)
     accepted_per_depth: list[int] = field(default_factory=list)  # drafts accepted at depth 1, 2, ... (all steps)
 
 
@@ -222,6 +223,8 @@ class Predictor:
             else:
                 run.predicted_tree_tokens += tokens
         run.predicted_s = predicted_ms / 1e3
+        if run.tree_steps and self.drafts is None:  # no prediction: better a blank than plain's 1.0 or the measure
+            run.predicted = False
         if trace and self.drafts is not None:
             context = int(statistics.mean(c for c, *_ in trace))
             tree = self.tree_at(context)
@@ -257,9 +260,10 @@ def summarize(reports: dict[str, MethodReport], curve_ms: dict[int, float], prom
         entry = {
             **_totals(pairs),
             "tau": tau,
-            "predicted_speedup": statistics.median(r.predicted_speedup for r in rep.runs) if rep.runs else None,
+            "predicted_speedup": _median_predicted(rep.runs),
             # the cost model's time for the very steps this method took, over their measured wall time
-            "cost_model_time_ratio": sum(r.predicted_s for r in rep.runs) / measured_s if measured_s else None,
+            "cost_model_time_ratio": (sum(r.predicted_s for r in rep.runs) / measured_s
+                                      if measured_s and all(r.predicted for r in rep.runs) else None),
             "outputs_match_plain": all(r.tokens == p.tokens for r, p in pairs),
             "match_rate": sum(r.tokens == p.tokens for r, p in pairs) / max(1, len(pairs)),
             "note": rep.note,
@@ -275,7 +279,7 @@ def summarize(reports: dict[str, MethodReport], curve_ms: dict[int, float], prom
             tree_steps = sum(r.tree_steps for r in rep.runs)
             entry["tree_steps_tau"] = sum(r.tree_tokens for r in rep.runs) / tree_steps if tree_steps else None
             entry["predicted_tree_steps_tau"] = (sum(r.predicted_tree_tokens for r in rep.runs) / tree_steps
-                                                 if tree_steps else None)
+                                                 if tree_steps and all(r.predicted for r in rep.runs) else None)
             depth = max((len(r.accepted_per_depth) for r in rep.runs), default=0)
             accepted = [sum(r.accepted_per_depth[d] for r in rep.runs if d < len(r.accepted_per_depth))
                         for d in range(depth)]
@@ -292,12 +296,18 @@ def summarize(reports: dict[str, MethodReport], curve_ms: dict[int, float], prom
             cat_s = sum(r.seconds for r, _ in cat_pairs)
             by_cat[cat] = {"tokens_per_s": totals["tokens_per_s"], "speedup_vs_plain": totals["speedup_vs_plain"],
                            "tau": sum(r.produced for r, _ in cat_pairs) / st if st else None,
-                           "predicted_speedup": statistics.median(r.predicted_speedup for r, _ in cat_pairs),
-                           "cost_model_time_ratio": sum(r.predicted_s for r, _ in cat_pairs) / cat_s if cat_s else None}
+                           "predicted_speedup": _median_predicted([r for r, _ in cat_pairs]),
+                           "cost_model_time_ratio": (sum(r.predicted_s for r, _ in cat_pairs) / cat_s
+                                                     if cat_s and all(r.predicted for r, _ in cat_pairs) else None)}
         entry["per_category"] = by_cat
         methods[name] = entry
     return {"prompts": len(prompts), "max_tokens": max_tokens, "cost_curve_ms": {str(k): v for k, v in curve_ms.items()},
             "plain_step_ms": plain_step_ms, "methods": methods}
+
+
+def _median_predicted(runs: list[Run]) -> float | None:
+    """The median predicted speedup of the runs, or None when some run's steps had no prediction."""
+    return statistics.median(r.predicted_speedup for r in runs) if runs and all(r.predicted for r in runs) else None
 
 
 def _totals(pairs: list[tuple[Run, Run]]) -> dict:
@@ -319,8 +329,9 @@ def format_report(result: dict) -> str:
         tau = f"{m['tau']:.2f}" if m["tau"] else "n/a"
         sp = f"{m['speedup_vs_plain']:.2f}x" if m["speedup_vs_plain"] is not None else "n/a"
         pred = f"{m['predicted_speedup']:.2f}x" if name != "prompt_lookup" and m.get("predicted_speedup") else ""
-        ttau = (f"{m['tree_steps_tau']:.2f} / {m['predicted_tree_steps_tau']:.2f}" if m.get("tree_steps_tau")
-                else ("no tree steps" if name.startswith(("medusa", "eagle3")) else ""))
+        predicted_ttau = m.get("predicted_tree_steps_tau")
+        ttau = (f"{m['tree_steps_tau']:.2f} / {f'{predicted_ttau:.2f}' if predicted_ttau else '-'}"
+                if m.get("tree_steps_tau") else ("no tree steps" if name.startswith(("medusa", "eagle3")) else ""))
         acc = " / ".join(f"{a:.2f}" for a in m["acceptance_per_depth"][:3]) if m.get("acceptance_per_depth") else ""
         ratio = f"{m['cost_model_time_ratio']:.2f}" if m.get("cost_model_time_ratio") else ""
         ceil = f"{m['ceiling_speedup']:.2f}x" if m.get("ceiling_speedup") else ""
@@ -338,7 +349,7 @@ def format_report(result: dict) -> str:
             cell = f"{pc['tokens_per_s']:.1f} ({pc['tau']:.2f})" if pc["tau"] else f"{pc['tokens_per_s']:.1f}"
             if n != "plain" and pc["speedup_vs_plain"] is not None:
                 cell += f", {pc['speedup_vs_plain']:.2f}x"
-                if n != "prompt_lookup":
+                if n != "prompt_lookup" and pc["predicted_speedup"] is not None:
                     cell += f" ({pc['predicted_speedup']:.2f}x)"
             cells.append(cell)
         lines.append(f"| {c} | " + " | ".join(cells) + " |")

@@ -58,3 +58,26 @@ def test_balanced_orders_place_and_precede_every_method_equally(n):
         assert len(set(Counter(o[place] for o in orders).values())) == 1
     pairs = Counter((o[j], o[j + 1]) for o in orders for j in range(n - 1))
     assert len(pairs) == n * (n - 1) and len(set(pairs.values())) <= 1  # each ordered pair of neighbours alike
+
+
+def test_tree_steps_the_cost_model_cannot_price_carry_no_prediction():
+    """A dynamic EAGLE-3 tree has no static tree for the cost model to price: the report leaves its predictions blank
+    instead of showing plain's 1.00x, the measured tau as the predicted one, or a step time without the drafter's."""
+    from medusa_gguf.bench import Predictor
+
+    class Costs:  # the step cost model's one method a plan without drafts asks for
+        def tree(self, nodes, leaves, context):
+            return 10.0 * nodes
+
+    plain = MethodReport("plain", runs=[Run("a", [1, 2, 3, 4], 1.0, 5, produced=5)])
+    run = Run("a", [1, 2, 3, 4], 1.0, 2, produced=5)
+    Predictor(None, Costs(), 64).fill(run, [(10, 16, 4, 3, 0.0), (13, 1, 1, 1, 0.0)])  # a tree step, a plain step
+    assert not run.predicted and run.tree_steps == 1 and run.tree_tokens == 3
+    result = summarize({"plain": plain, "eagle3_static": MethodReport("eagle3_static", tree_nodes=16, runs=[run])},
+                       CURVE, [{}], 8)
+    m = result["methods"]["eagle3_static"]
+    assert m["predicted_speedup"] is None and m["predicted_tree_steps_tau"] is None
+    assert m["cost_model_time_ratio"] is None and m["per_category"]["a"]["predicted_speedup"] is None
+    assert m["tree_steps_tau"] == 3.0
+    row = next(line for line in format_report(result).splitlines() if line.startswith("| eagle3_static |"))
+    assert row.split(" | ")[4:7] == ["", "3.00 / -", ""], row  # predicted speedup, tree-step tau, step-time ratio
