@@ -95,6 +95,13 @@ def sequence_batches(paths: list[Path], first_rows: list[int], batch_size: int, 
 OOV = -2  # step_targets: a target the draft vocabulary lacks
 
 
+def draft_index(drafter) -> torch.Tensor:
+    """[n_vocab]: each target id's draft id, -1 outside the draft vocabulary (d2t is the identity without one)."""
+    index = torch.full((drafter.config.n_vocab,), -1, dtype=torch.long)
+    index[drafter.d2t] = torch.arange(len(drafter.d2t))
+    return index
+
+
 def step_targets(batch: dict[str, torch.Tensor], full_to_draft: torch.Tensor, steps: int) -> torch.Tensor:
     """Draft-vocabulary targets [steps, B, T]: -1 where a row does not count at that step, OOV (-2) where it counts
     but its target lies outside the draft vocabulary (no loss; a miss in validation).
@@ -297,9 +304,7 @@ def train_eagle3(args: TrainArgs) -> Path:
     drafter = drafter_for_target(model_path, d2t, target_layers=layers, norm_before_fc=args.norm_before_fc)
     init_fuse(drafter)
     drafter.config = replace(drafter.config, base_model_sha256=model_sha, training_args=asdict(args))
-    full_to_draft = torch.full((n_vocab,), -1, dtype=torch.long)
-    ids = d2t if d2t is not None else torch.arange(n_vocab)
-    full_to_draft[ids] = torch.arange(len(ids))
+    full_to_draft = draft_index(drafter)
 
     n_batches = sum(math.ceil((len(D.read_shard(p)["offsets"]) - 1) / args.batch_size) for p in train_paths)
     steps_per_epoch = max(1, n_batches // args.grad_accum)
@@ -405,16 +410,17 @@ def reevaluate(args: TrainArgs, path: Path, model_path: Path, model_sha: str, la
     if tuple(c.target_layers) != tuple(layers):
         raise D.DataError(f"--eval_only: {path} reads layers {tuple(c.target_layers)}, the features hold {tuple(layers)}")
     trained = c.training_args or {}
+
+    def plain(v: Any) -> Any:  # a saved config may hold a tuple flag as a list
+        return list(v) if isinstance(v, (list, tuple)) else v
+
     differ = [f"--{k} {trained[k]!r} (now {getattr(args, k)!r})" for k in DATA_FLAGS
-              if k in trained and trained[k] != getattr(args, k) and not (k == "train_files" and
-                                                                         tuple(trained[k]) == tuple(args.train_files))]
+              if k in trained and plain(trained[k]) != plain(getattr(args, k))]
     if differ:
         log.warning("--eval_only: %s was trained with other data flags: %s; its validation split may differ from this "
                     "one (and hold training sequences)", path, ", ".join(differ))
     steps = int(trained.get("ttt_steps", args.ttt_steps))
-    full_to_draft = torch.full((c.n_vocab,), -1, dtype=torch.long)
-    full_to_draft[drafter.d2t] = torch.arange(len(drafter.d2t))
-    ev = evaluate(drafter, val_paths, val_first, steps, args.loss_decay, args.batch_size, full_to_draft,
+    ev = evaluate(drafter, val_paths, val_first, steps, args.loss_decay, args.batch_size, draft_index(drafter),
                   precision=precision, eval_steps=args.eval_steps)
     drafter.config = replace(c, accuracy=ev["rank_accuracy"])
     save_drafter(drafter, path)

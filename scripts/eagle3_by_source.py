@@ -1,8 +1,8 @@
 """In-loop acceptance of an EAGLE-3 drafter per prompt source: is a gap to validation the loop's or the prompts'?
 
-The drafter's validation split comes from the corpus's own prompt source. This script decodes, with a static
-dynamic tree (TREE=default, or --tree), prompts from three sources. Corpus prompts that neither the drafter's training draw
-(`--max_samples N --seed S` of train_medusa.py, repeated here as `--trained N --seed S`) nor the first
+The drafter's validation split comes from the corpus's own prompt source. This script decodes, with a fixed
+dynamic tree shape (TREE=default, or --tree), prompts from three sources. Corpus prompts that neither the drafter's
+training draw (`--max_samples N --seed S` of train_medusa.py, repeated here as `--trained N --seed S`) nor the first
 `--trained-first M` samples of the corpus (what drafters trained before the draw existed read) touched are the
 validation split's source, but unseen. The template held-out set is instruction prompts from templates. The
 hand-written unseen set is chat. It prints tau and the share of steps accepted to each depth, per source. When the
@@ -102,8 +102,8 @@ def main() -> int:
             tokens += r.stats.tokens
             depth = [a + b for a, b in zip(depth, r.stats.accepted_per_depth)] if depth \
                 else list(r.stats.accepted_per_depth)
-        row = {"source": name, "prompts": len(prompts), "steps": steps, "tokens": tokens, "tree": args.tree, "tau": tokens / steps,
-               "accepted_per_depth": [n / steps for n in depth], "seconds": time.perf_counter() - t0}
+        row = {"source": name, "prompts": len(prompts), "steps": steps, "tokens": tokens, "tree": args.tree,
+               "tau": tokens / steps, "accepted_per_depth": [n / steps for n in depth], "seconds": time.perf_counter() - t0}
         results.append(row)
         print(f"{name}: tau {row['tau']:.2f}, accepted to depth 1..{len(depth)}: "
               f"{' / '.join(f'{a:.3f}' for a in row['accepted_per_depth'])} ({len(prompts)} prompts)", flush=True)

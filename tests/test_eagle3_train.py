@@ -164,18 +164,21 @@ def test_eval_only_rescores_a_drafter_deeper_and_keeps_its_weights(eagle3_run, t
     out = tmp_path / "run"
     out.mkdir()
     shutil.copy(eagle3_run / "eagle3_latest.pth", out / "eagle3_latest.pth")
-    cmd = [sys.executable, str(ROOT / "model" / "train_medusa.py"), *TINY_TRAIN_FLAGS, "--head_type", "eagle3",
-           "--ttt_steps", "3", "--output_dir", str(out), "--cache_dir", str(eagle3_run.parent / "cache"),
-           "--eval_only", "--eval_steps", "4"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+
+    def eval_only(folder: Path) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(ROOT / "model" / "train_medusa.py"), *TINY_TRAIN_FLAGS,
+                               "--head_type", "eagle3", "--ttt_steps", "3", "--output_dir", str(folder),
+                               "--cache_dir", str(eagle3_run.parent / "cache"), "--eval_only", "--eval_steps", "4"],
+                              capture_output=True, text=True, timeout=600)
+
+    proc = eval_only(out)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "accuracies of 4 levels written" in proc.stderr
     again, state2 = read_drafter_file(out / "eagle3_latest.pth")
     assert len(again.accuracy) == 4
     assert np.allclose(again.accuracy, config.accuracy[:4], atol=1e-6)
     assert state.keys() == state2.keys() and all(torch.equal(state[k], state2[k]) for k in state)
-    missing = subprocess.run([*cmd[:cmd.index("--output_dir") + 1], str(tmp_path / "none"), *cmd[cmd.index("--cache_dir"):]],
-                             capture_output=True, text=True, timeout=600)
+    missing = eval_only(tmp_path / "none")
     assert missing.returncode != 0 and "--eval_only: no drafter at" in missing.stderr
 
 
